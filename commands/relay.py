@@ -1,0 +1,225 @@
+"""The outbox relay: moves committed events from the PostgreSQL log to Redis Streams.
+
+Correctness argument (the classic outbox trap and how we avoid it)
+------------------------------------------------------------------
+An identity value is taken when a row is INSERTed but becomes visible at COMMIT, so a relay
+that remembers "last position published" and reads `position > last` silently skips the
+rows of a slow transaction that took an early position and committed late. We keep no
+cursor at all: every unpublished event has a row in `events.outbox`, and a pass publishes
+whatever outbox rows are *visible*, oldest position first, then deletes those rows in the
+same transaction. A slow transaction's rows simply show up in a later pass.
+
+Per-aggregate order: version n+1 of an aggregate is written by a transaction that saw
+version n committed (the aggregate row is locked/version-checked), so n is visible in every
+snapshot that shows n+1, and n has the smaller position. Ordering a pass by position and
+running passes one at a time therefore never publishes n+1 before n. Passes are serialised
+twice over: a session advisory lock elects one active relay (others stand by and take over
+when its connection dies), and the pass locks the rows it publishes (`FOR UPDATE`), so even
+two overlapping passes queue behind each other instead of interleaving.
+
+At least once: the XADDs happen before the DELETE commits. A relay killed in between
+publishes those events again on the next pass; the copies carry the same event id and
+version, and projections drop them (they apply version n only once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import threading
+import time
+from collections.abc import Iterator
+from datetime import datetime
+
+import psycopg
+import redis
+
+from commands.uow import NOTIFY_CHANNEL
+from cqrs.events import EventEnvelope
+from cqrs.keys import KeyMap, partition_of
+from cqrs.settings import Settings
+from cqrs.urls import libpq_url, mask_url
+
+log = logging.getLogger(__name__)
+
+_RELAY_LOCK = 0x637172735F72656C
+
+_SELECT_BATCH = """
+    SELECT e.position, e.event_id, e.aggregate_type, e.aggregate_id, e.aggregate_version,
+           e.partition_key, e.event_type, e.schema_version, e.payload, e.occurred_at
+    FROM events.outbox o JOIN events.event_log e ON e.position = o.position
+    ORDER BY o.position
+    LIMIT %s
+    FOR UPDATE OF o
+"""
+
+
+def envelope_from_row(row: tuple) -> EventEnvelope:
+    """Rebuild an envelope from an event_log row (also used by rebuild-from-log)."""
+    position, event_id, agg_type, agg_id, version, pkey, etype, schema, payload, occurred = row
+    if isinstance(payload, str):
+        payload = json.loads(payload)
+    return EventEnvelope(
+        event_id=event_id,
+        event_type=etype,
+        schema_version=schema,
+        aggregate_type=agg_type,
+        aggregate_id=agg_id,
+        version=version,
+        partition_key=pkey,
+        position=position,
+        occurred_at=occurred,
+        payload=payload,
+    )
+
+
+def stream_partitions(client: redis.Redis, keys: KeyMap, default: int) -> int:
+    """The partition count is fixed by the first process that publishes: changing it later
+    would move aggregates between streams and break their order."""
+    client.hsetnx(keys.meta(), "partitions", default)
+    return int(client.hget(keys.meta(), "partitions") or default)
+
+
+class Relay:
+    def __init__(self, database_url: str, client: redis.Redis, settings: Settings) -> None:
+        self.database_url = database_url
+        self.redis = client
+        self.settings = settings
+        self.keys = KeyMap(settings.namespace)
+        self._partitions: int | None = None
+        self._last_trim = 0.0
+        self.published = 0
+
+    def _connect(self) -> psycopg.Connection:
+        return psycopg.connect(libpq_url(self.database_url), autocommit=True)
+
+    @property
+    def partitions(self) -> int:
+        if self._partitions is None:
+            self._partitions = stream_partitions(self.redis, self.keys, self.settings.partitions)
+        return self._partitions
+
+    def publish_batch(self, conn: psycopg.Connection, limit: int | None = None) -> int:
+        """One pass: publish up to `limit` visible unpublished events; returns how many."""
+        limit = limit or self.settings.relay_batch_size
+        with conn.transaction():
+            rows = conn.execute(_SELECT_BATCH, (limit,)).fetchall()
+            if not rows:
+                return 0
+            pipe = self.redis.pipeline(transaction=False)
+            for row in rows:
+                event = envelope_from_row(row)
+                stream = self.keys.stream(partition_of(event.partition_key, self.partitions))
+                pipe.xadd(stream, event.to_stream_fields())
+            pipe.execute()
+            conn.execute(
+                "DELETE FROM events.outbox WHERE position = ANY(%s)", ([r[0] for r in rows],)
+            )
+        self.published += len(rows)
+        return len(rows)
+
+    def drain(self) -> int:
+        """Publish everything visible now (used by `cqrs run --drain` and tests)."""
+        total = 0
+        with self._connect() as conn:
+            while n := self.publish_batch(conn):
+                total += n
+        self.trim_streams(force=True)
+        return total
+
+    def pending_count(self) -> tuple[int, datetime | None]:
+        """Unpublished events and the time of the oldest (for status and tests)."""
+        with self._connect() as conn:
+            count, oldest = conn.execute(
+                "SELECT count(*), min(e.occurred_at) FROM events.outbox o"
+                " JOIN events.event_log e ON e.position = o.position"
+            ).fetchone()
+        return count, oldest
+
+    def trim_streams(self, *, force: bool = False) -> None:
+        """Trim entries every consumer group has finished with, once a stream exceeds its
+        retention. Never below a group's oldest pending entry or last-delivered id, so a
+        slow or stopped projection loses nothing (the log covers rebuilds beyond that)."""
+        retention = self.settings.stream_retention
+        if retention <= 0 or (not force and time.monotonic() - self._last_trim < 10):
+            return
+        self._last_trim = time.monotonic()
+        for partition in range(self.partitions):
+            stream = self.keys.stream(partition)
+            length = self.redis.xlen(stream)
+            if length <= retention:
+                continue
+            safe = self._safe_trim_id(stream)
+            if safe is not None:
+                self.redis.xtrim(
+                    stream, minid=safe, approximate=True, limit=max(length - retention, 1)
+                )
+
+    def _safe_trim_id(self, stream: str) -> str | None:
+        groups = self.redis.xinfo_groups(stream)
+        if not groups:
+            return None  # nobody has read anything yet
+        candidates: list[tuple[int, int]] = []
+        for group in groups:
+            delivered = _parse_id(group["last-delivered-id"])
+            candidates.append((delivered[0], delivered[1] + 1))
+            if group["pending"]:
+                summary = self.redis.xpending(stream, group["name"])
+                candidates.append(_parse_id(summary["min"]))
+        low = min(candidates)
+        return f"{low[0]}-{low[1]}"
+
+    def run(self, stop: threading.Event) -> None:
+        """Relay until `stop` is set: wake on NOTIFY, poll as a safety net, stand by while
+        another relay holds the leader lock, reconnect with backoff on failures."""
+        backoff = 0.1
+        while not stop.is_set():
+            try:
+                with self._connect() as conn:
+                    self._lead(conn, stop)
+                    backoff = 0.1
+            except (psycopg.OperationalError, redis.ConnectionError, redis.TimeoutError) as exc:
+                log.warning(
+                    "relay: connection lost (%s); retrying in %.1fs", mask_url(str(exc)), backoff
+                )
+                stop.wait(backoff)
+                backoff = min(backoff * 2, 5.0)
+
+    def _lead(self, conn: psycopg.Connection, stop: threading.Event) -> None:
+        poll = self.settings.relay_poll_seconds
+        while not stop.is_set():
+            if conn.execute("SELECT pg_try_advisory_lock(%s)", (_RELAY_LOCK,)).fetchone()[0]:
+                break
+            stop.wait(poll)  # standby: another relay is active
+        else:
+            return
+        log.info("relay: active")
+        conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
+        while not stop.is_set():
+            n = self.publish_batch(conn)
+            self.trim_streams()
+            if n < self.settings.relay_batch_size:
+                self._wait_for_notify(conn, poll, stop)
+
+    @staticmethod
+    def _wait_for_notify(conn: psycopg.Connection, timeout: float, stop: threading.Event) -> None:
+        deadline = time.monotonic() + timeout
+        while not stop.is_set():
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return
+            for _ in _notifies(conn, min(remaining, 0.5)):
+                return
+
+
+def _notifies(conn: psycopg.Connection, timeout: float) -> Iterator[object]:
+    with contextlib.suppress(StopIteration):
+        yield from conn.notifies(timeout=timeout, stop_after=1)
+
+
+def _parse_id(entry_id: str | bytes) -> tuple[int, int]:
+    if isinstance(entry_id, bytes):
+        entry_id = entry_id.decode()
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)

@@ -1,0 +1,119 @@
+"""The root `cqrs` command.
+
+Each package contributes its own Typer app through the `cqrs.cli` entry-point group
+(see pyproject.toml), so this module mounts them without importing them by name and the
+shared package stays independent of commands/projector/queries.
+"""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+
+import typer
+from pydantic import ValidationError
+
+from cqrs.console import EXIT_USAGE, fail, out, print_json
+from cqrs.settings import Settings
+from cqrs.urls import mask_url
+
+app = typer.Typer(
+    name="cqrs",
+    help="CQRS read models on PostgreSQL and Redis Streams.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def load_settings() -> Settings:
+    """Settings from the environment; a broken value is a one-line error, exit 2."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        name = "CQRS_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
+        fail(f"invalid {name}: {first['msg'].removeprefix('Value error, ')}", EXIT_USAGE)
+
+
+@app.command()
+def up(
+    status: bool = typer.Option(False, "--status", help="Report the servers, start nothing."),
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Start the embedded PostgreSQL and Valkey servers (or reuse them) and print their URLs."""
+    from cqrs import embedded
+
+    settings = load_settings()
+    if status:
+        report = embedded.status(settings.home)
+        if json_output:
+            print_json(report)
+        else:
+            out.print(f"embedded servers: {'running' if report['running'] else 'stopped'}")
+            for name in ("postgres", "redis"):
+                info = report.get(name)
+                if isinstance(info, dict):
+                    alive = "up" if info.get("alive") else "down"
+                    out.print(f"  {name}: {alive}  pid {info.get('pid')}  {info.get('url')}")
+        raise typer.Exit(0 if report["running"] else 1)
+    try:
+        servers = embedded.ensure_started(settings.home, user=settings.embedded_user)
+    except embedded.EmbeddedError as exc:
+        fail(str(exc))
+    data = {
+        "database_url": mask_url(servers.database_url),
+        "redis_url": mask_url(servers.redis_url),
+        "postgres_pid": servers.postgres_pid,
+        "redis_pid": servers.redis_pid,
+        "home": str(servers.home),
+    }
+    if json_output:
+        print_json(data)
+    else:
+        out.print(f"CQRS_DATABASE_URL={data['database_url']}")
+        out.print(f"CQRS_REDIS_URL={data['redis_url']}")
+
+
+@app.command()
+def down(
+    json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+) -> None:
+    """Stop exactly the embedded server processes that `cqrs up` (or first use) started."""
+    from cqrs import embedded
+
+    settings = load_settings()
+    try:
+        stopped = embedded.stop(settings.home)
+    except embedded.EmbeddedError as exc:
+        fail(str(exc))
+    if json_output:
+        print_json({"stopped": stopped})
+    else:
+        out.print(f"stopped {len(stopped)} process(es)" + (f": {stopped}" if stopped else ""))
+
+
+def _mount_packages() -> None:
+    for entry in sorted(entry_points(group="cqrs.cli"), key=lambda e: e.name):
+        entry.load()(app)
+
+
+def main() -> None:
+    """Console entry point: usage errors become one line on stderr with exit 2."""
+    _mount_packages()
+    try:
+        code = app(standalone_mode=False)
+    except typer.Abort:
+        print("error: aborted", file=sys.stderr)
+        sys.exit(130)
+    except typer.TyperException as exc:
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            sys.exit(EXIT_USAGE)  # the help text was already printed
+        message = " ".join(exc.format_message().split())
+        print(f"error: {message}", file=sys.stderr)
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

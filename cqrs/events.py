@@ -1,0 +1,222 @@
+"""Event contracts shared by the write side, the projector and replay.
+
+An event travels as an `EventEnvelope`: identity and ordering metadata plus a JSON payload
+whose shape is one of the payload models below, chosen by `event_type`. Projections depend
+only on these contracts, never on `commands`.
+
+Money is a `Decimal` with two places, serialised as a string so no float ever touches it.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from decimal import Decimal
+from typing import Annotated, Any
+from uuid import UUID
+
+from pydantic import BaseModel, ConfigDict, Field, PlainSerializer, ValidationError
+
+Money = Annotated[
+    Decimal,
+    Field(max_digits=14, decimal_places=2),
+    PlainSerializer(lambda d: f"{d:.2f}", return_type=str, when_used="json"),
+]
+
+SCHEMA_VERSION = 1
+
+
+class Payload(BaseModel):
+    """Base of every payload: strict about unknown fields so a contract drift is loud."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+# --- catalog ---------------------------------------------------------------------------
+
+
+class ProductCreated(Payload):
+    sku: str
+    name: str
+    price: Money
+    stock: int
+
+
+class ProductRenamed(Payload):
+    name: str
+
+
+class ProductRepriced(Payload):
+    price: Money
+
+
+class ProductRestocked(Payload):
+    delta: int
+    stock: int
+
+
+class StockReserved(Payload):
+    """Emitted on the product when an order takes stock; carries the sale for the
+    product's units_sold/revenue so that view is fed only by its own aggregate's events."""
+
+    order_id: UUID
+    qty: int
+    unit_price: Money
+    stock: int
+
+
+class StockReleased(Payload):
+    """The reverse of `StockReserved` when an order is cancelled."""
+
+    order_id: UUID
+    qty: int
+    unit_price: Money
+    stock: int
+
+
+# --- customers -------------------------------------------------------------------------
+
+
+class CustomerRegistered(Payload):
+    email: str
+    name: str
+
+
+class CustomerRenamed(Payload):
+    name: str
+
+
+# --- orders ----------------------------------------------------------------------------
+
+
+class OrderLine(Payload):
+    product_id: UUID
+    name: str
+    unit_price: Money
+    qty: int
+    line_total: Money
+
+
+class OrderPlaced(Payload):
+    customer_id: UUID
+    customer_name: str
+    customer_version: int
+    lines: list[OrderLine]
+    total: Money
+    placed_at: datetime
+
+
+class OrderCancelled(Payload):
+    customer_id: UUID
+    total: Money
+    cancelled_at: datetime
+
+
+class OrderShipped(Payload):
+    customer_id: UUID
+    shipped_at: datetime
+
+
+PAYLOAD_TYPES: dict[str, type[Payload]] = {
+    cls.__name__: cls
+    for cls in (
+        ProductCreated,
+        ProductRenamed,
+        ProductRepriced,
+        ProductRestocked,
+        StockReserved,
+        StockReleased,
+        CustomerRegistered,
+        CustomerRenamed,
+        OrderPlaced,
+        OrderCancelled,
+        OrderShipped,
+    )
+}
+
+AGGREGATE_TYPES = ("product", "customer", "order")
+
+
+class EventError(ValueError):
+    """A stream entry or log row that is not a valid event; the message says which field."""
+
+
+class EventEnvelope(BaseModel):
+    """One event as stored in the log and carried on a stream."""
+
+    model_config = ConfigDict(frozen=True)
+
+    event_id: UUID
+    event_type: str
+    schema_version: int = SCHEMA_VERSION
+    aggregate_type: str
+    aggregate_id: UUID
+    version: int = Field(ge=1)
+    # Events that must be applied in order relative to each other share a partition key:
+    # an order's events use its customer's id so order views follow customer renames.
+    partition_key: UUID
+    position: int = 0
+    occurred_at: datetime
+    payload: dict[str, Any]
+
+    def typed_payload(self) -> Payload:
+        """Validate the payload against its contract; raises EventError on any mismatch."""
+        if self.schema_version != SCHEMA_VERSION:
+            raise EventError(
+                f"{self.event_type} schema version {self.schema_version} is not supported "
+                f"(expected {SCHEMA_VERSION})"
+            )
+        model = PAYLOAD_TYPES.get(self.event_type)
+        if model is None:
+            raise EventError(f"unknown event type {self.event_type!r}")
+        try:
+            return model.model_validate(self.payload)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "payload"
+            raise EventError(f"{self.event_type}: {where}: {first['msg']}") from None
+
+    def to_stream_fields(self) -> dict[str, str]:
+        """Flat string fields for XADD; the payload stays one JSON string."""
+        return {
+            "event_id": str(self.event_id),
+            "type": self.event_type,
+            "schema": str(self.schema_version),
+            "aggregate_type": self.aggregate_type,
+            "aggregate_id": str(self.aggregate_id),
+            "version": str(self.version),
+            "partition_key": str(self.partition_key),
+            "position": str(self.position),
+            "occurred_at": self.occurred_at.isoformat(),
+            "payload": json.dumps(self.payload, separators=(",", ":")),
+        }
+
+    @classmethod
+    def from_stream_fields(cls, fields: dict[str, str]) -> EventEnvelope:
+        """Parse an entry read from a stream; anything malformed is an EventError."""
+        try:
+            return cls(
+                event_id=fields["event_id"],
+                event_type=fields["type"],
+                schema_version=int(fields["schema"]),
+                aggregate_type=fields["aggregate_type"],
+                aggregate_id=fields["aggregate_id"],
+                version=int(fields["version"]),
+                partition_key=fields["partition_key"],
+                position=int(fields.get("position", "0")),
+                occurred_at=fields["occurred_at"],
+                payload=json.loads(fields["payload"]),
+            )
+        except KeyError as exc:
+            raise EventError(f"stream entry is missing field {exc.args[0]!r}") from None
+        except (ValueError, TypeError) as exc:
+            if isinstance(exc, ValidationError):
+                first = exc.errors()[0]
+                where = ".".join(str(p) for p in first["loc"])
+                raise EventError(f"stream entry field {where}: {first['msg']}") from None
+            raise EventError(f"stream entry is malformed: {exc}") from None
+
+
+def payload_json(payload: Payload) -> dict[str, Any]:
+    """The JSON-ready dict of a payload (Decimals as strings, datetimes ISO)."""
+    return payload.model_dump(mode="json")

@@ -1,0 +1,108 @@
+"""The Redis key map: the only place where key names are formatted.
+
+Layout rules (docs/keys.md has the table):
+- every key starts with the namespace;
+- keys a Lua script or MULTI touches together share one hash tag (`{...}`), so every
+  multi-key step stays in one Redis Cluster slot;
+- user-supplied text (names, SKUs) never appears in a key: keys carry UUIDs, partition
+  numbers and projection names only, so no input can change which keys are touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from uuid import UUID
+
+
+def partition_of(partition_key: UUID, partitions: int) -> int:
+    """Stable partition for a key: the same in every process and Python version
+    (the builtin `hash` is salted per process, so it cannot be used)."""
+    digest = hashlib.blake2b(partition_key.bytes, digest_size=8).digest()
+    return int.from_bytes(digest, "big") % partitions
+
+
+class KeyMap:
+    """Keys of one namespace; projection view keys come from `views()`."""
+
+    def __init__(self, namespace: str) -> None:
+        self.ns = namespace
+
+    # --- transport -------------------------------------------------------------------
+    def stream(self, partition: int) -> str:
+        return f"{self.ns}:stream:{{p{partition}}}"
+
+    def stream_pattern(self) -> str:
+        return f"{self.ns}:stream:*"
+
+    def meta(self) -> str:
+        """Stream metadata (partition count) fixed when the first event is relayed."""
+        return f"{self.ns}:meta"
+
+    def relay_wakeup_channel(self) -> str:
+        return f"{self.ns}:relay"
+
+    # --- projector -------------------------------------------------------------------
+    def dead_letters(self, projection: str) -> str:
+        return f"{self.ns}:dlq:{{{projection}}}"
+
+    def lease(self, projection: str, partition: int) -> str:
+        return f"{self.ns}:lease:{projection}:{{p{partition}}}"
+
+    def workers(self, projection: str) -> str:
+        return f"{self.ns}:workers:{projection}"
+
+    def generation(self, projection: str) -> str:
+        return f"{self.ns}:gen:{projection}"
+
+    def applied_channel(self) -> str:
+        """Pub/sub channel the projector publishes to after each batch (wakes waiters)."""
+        return f"{self.ns}:applied"
+
+    def views(self, projection: str, generation: int) -> ViewKeys:
+        return ViewKeys(self.ns, projection, generation)
+
+    def namespace_pattern(self) -> str:
+        return f"{self.ns}:*"
+
+
+class ViewKeys:
+    """Keys of one projection generation. A rebuild writes a new generation beside the live
+    one, so every view key carries the generation."""
+
+    def __init__(self, namespace: str, projection: str, generation: int) -> None:
+        self.prefix = f"{namespace}:{projection}:g{generation}"
+
+    def pattern(self) -> str:
+        return f"{self.prefix}:*"
+
+    # products
+    def product(self, product_id: UUID | str) -> str:
+        return f"{self.prefix}:product:{{{product_id}}}"
+
+    def products_by_name(self) -> str:
+        return f"{self.prefix}:products:by-name"
+
+    def products_by_price(self) -> str:
+        return f"{self.prefix}:products:by-price"
+
+    def top_products(self) -> str:
+        return f"{self.prefix}:products:top"
+
+    # customers
+    def customer(self, customer_id: UUID | str) -> str:
+        return f"{self.prefix}:customer:{{{customer_id}}}"
+
+    def customer_order_state(self, customer_id: UUID | str) -> str:
+        """Per-order applied version for the customer's counters (exactly-once)."""
+        return f"{self.prefix}:customer-orders-applied:{{{customer_id}}}"
+
+    # orders
+    def order(self, order_id: UUID | str) -> str:
+        return f"{self.prefix}:order:{{{order_id}}}"
+
+    def customer_orders(self, customer_id: UUID | str) -> str:
+        return f"{self.prefix}:customer-orders:{{{customer_id}}}"
+
+    def order_customer(self, customer_id: UUID | str) -> str:
+        """The orders projection's own copy of a customer's name, for fan-out on rename."""
+        return f"{self.prefix}:customer-name:{{{customer_id}}}"

@@ -1,0 +1,81 @@
+"""Settings from the environment (prefix `CQRS_`), one object passed to the wiring function.
+
+Nothing connects at import time: `Settings()` only reads and validates values.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from cqrs.urls import redis_url, sqlalchemy_url
+
+# The namespace is the first segment of every key; braces would hijack Redis Cluster hash
+# tags and ':' or '*' would make SCAN patterns ambiguous, so only a safe alphabet is allowed.
+_NAMESPACE_RE = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
+class Settings(BaseSettings):
+    """Every knob of the system; each has an environment variable `CQRS_<NAME>`."""
+
+    model_config = SettingsConfigDict(env_prefix="CQRS_", extra="ignore")
+
+    database_url: str | None = Field(
+        default=None, description="postgresql://user@host:port/db; unset = embedded server"
+    )
+    redis_url: str | None = Field(
+        default=None, description="redis://host:port/db or rediss://; unset = embedded server"
+    )
+    namespace: str = Field(default="cqrs", description="prefix of every Redis key")
+    home: Path = Field(default=Path(".cqrs"), description="embedded servers' data and state")
+
+    # Streams: events are spread over a fixed number of partition streams by partition key
+    # (see docs/architecture.md). Changing it on a live system re-maps aggregates, so it is
+    # read once and stored with the streams.
+    partitions: int = Field(default=8, ge=1, le=1024)
+    stream_retention: int = Field(
+        default=1_000_000,
+        ge=0,
+        description="approximate entries kept per partition stream (0 = keep everything)",
+    )
+
+    publish_on_commit: bool = Field(
+        default=True, description="CLI writes publish their events right after commit"
+    )
+    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_poll_seconds: float = Field(default=1.0, gt=0)
+
+    projector_batch_size: int = Field(default=500, ge=1, le=10_000)
+    projector_block_ms: int = Field(default=1000, ge=1)
+    projector_claim_idle_ms: int = Field(default=10_000, ge=100)
+    projector_lease_ms: int = Field(default=5_000, ge=500)
+    projector_max_deliveries: int = Field(default=5, ge=1)
+
+    redis_socket_timeout: float = Field(default=10.0, gt=0)
+    embedded_user: str | None = Field(
+        default=None, description="OS user that runs embedded PostgreSQL when we are root"
+    )
+
+    @field_validator("namespace")
+    @classmethod
+    def _check_namespace(cls, value: str) -> str:
+        if not _NAMESPACE_RE.match(value):
+            raise ValueError("namespace must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value:
+            sqlalchemy_url(value)
+        return value or None
+
+    @field_validator("redis_url")
+    @classmethod
+    def _check_redis_url(cls, value: str | None) -> str | None:
+        if value:
+            redis_url(value)
+        return value or None

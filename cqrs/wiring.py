@@ -1,0 +1,76 @@
+"""The one place where clients and engines are built from settings.
+
+Everything is lazy: a query process that never asks for `engine` never opens a PostgreSQL
+connection, and nothing connects at import time. When a URL is not configured, the
+embedded servers under `settings.home` are started (or reused) on first use.
+"""
+
+from __future__ import annotations
+
+from functools import cached_property
+
+import redis
+from sqlalchemy import Engine, create_engine
+
+from cqrs.keys import KeyMap
+from cqrs.settings import Settings
+from cqrs.urls import redis_url as to_redis_url
+from cqrs.urls import sqlalchemy_url
+
+
+def make_redis(url: str, settings: Settings) -> redis.Redis:
+    """A client whose socket timeout stays above every blocking read we issue
+    (BLOCK longer than the socket timeout would raise a spurious TimeoutError)."""
+    return redis.Redis.from_url(
+        to_redis_url(url),
+        decode_responses=True,
+        socket_timeout=settings.redis_socket_timeout,
+        socket_connect_timeout=5,
+        health_check_interval=30,
+        retry_on_timeout=False,
+    )
+
+
+def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
+    return create_engine(
+        sqlalchemy_url(database_url),
+        pool_size=pool_size,
+        max_overflow=pool_size,
+        pool_pre_ping=True,
+    )
+
+
+class Wiring:
+    """Settings plus the lazily built connections of one process."""
+
+    def __init__(self, settings: Settings | None = None) -> None:
+        self.settings = settings or Settings()
+        self.keys = KeyMap(self.settings.namespace)
+
+    def _embedded_urls(self) -> tuple[str, str]:
+        from cqrs.embedded import ensure_started
+
+        servers = ensure_started(self.settings.home, user=self.settings.embedded_user)
+        return servers.database_url, servers.redis_url
+
+    @cached_property
+    def database_url(self) -> str:
+        return self.settings.database_url or self._embedded_urls()[0]
+
+    @cached_property
+    def redis_url(self) -> str:
+        return self.settings.redis_url or self._embedded_urls()[1]
+
+    @cached_property
+    def engine(self) -> Engine:
+        return make_engine(self.database_url)
+
+    @cached_property
+    def redis(self) -> redis.Redis:
+        return make_redis(self.redis_url, self.settings)
+
+    def close(self) -> None:
+        if "engine" in self.__dict__:
+            self.engine.dispose()
+        if "redis" in self.__dict__:
+            self.redis.close()
