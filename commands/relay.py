@@ -39,6 +39,7 @@ from commands.uow import NOTIFY_CHANNEL
 from cqrs.events import EventEnvelope
 from cqrs.keys import KeyMap, partition_of
 from cqrs.settings import Settings
+from cqrs.streams import parse_entry_id, stream_partitions
 from cqrs.urls import libpq_url, mask_url
 
 log = logging.getLogger(__name__)
@@ -74,13 +75,6 @@ def envelope_from_row(row: tuple) -> EventEnvelope:
     )
 
 
-def stream_partitions(client: redis.Redis, keys: KeyMap, default: int) -> int:
-    """The partition count is fixed by the first process that publishes: changing it later
-    would move aggregates between streams and break their order."""
-    client.hsetnx(keys.meta(), "partitions", default)
-    return int(client.hget(keys.meta(), "partitions") or default)
-
-
 class Relay:
     def __init__(self, database_url: str, client: redis.Redis, settings: Settings) -> None:
         self.database_url = database_url
@@ -112,6 +106,8 @@ class Relay:
                 event = envelope_from_row(row)
                 stream = self.keys.stream(partition_of(event.partition_key, self.partitions))
                 pipe.xadd(stream, event.to_stream_fields())
+            # Wakes idle projector workers (they also poll, so a lost message only delays).
+            pipe.publish(self.keys.relay_wakeup_channel(), len(rows))
             pipe.execute()
             conn.execute(
                 "DELETE FROM events.outbox WHERE position = ANY(%s)", ([r[0] for r in rows],)
@@ -162,11 +158,11 @@ class Relay:
             return None  # nobody has read anything yet
         candidates: list[tuple[int, int]] = []
         for group in groups:
-            delivered = _parse_id(group["last-delivered-id"])
+            delivered = parse_entry_id(group["last-delivered-id"])
             candidates.append((delivered[0], delivered[1] + 1))
             if group["pending"]:
                 summary = self.redis.xpending(stream, group["name"])
-                candidates.append(_parse_id(summary["min"]))
+                candidates.append(parse_entry_id(summary["min"]))
         low = min(candidates)
         return f"{low[0]}-{low[1]}"
 
@@ -216,10 +212,3 @@ class Relay:
 def _notifies(conn: psycopg.Connection, timeout: float) -> Iterator[object]:
     with contextlib.suppress(StopIteration):
         yield from conn.notifies(timeout=timeout, stop_after=1)
-
-
-def _parse_id(entry_id: str | bytes) -> tuple[int, int]:
-    if isinstance(entry_id, bytes):
-        entry_id = entry_id.decode()
-    ms, _, seq = entry_id.partition("-")
-    return int(ms), int(seq or 0)

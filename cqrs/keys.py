@@ -79,6 +79,10 @@ class ViewKeys:
     def product(self, product_id: UUID | str) -> str:
         return f"{self.prefix}:product:{{{product_id}}}"
 
+    def product_names(self, product_id: UUID | str) -> str:
+        """Names of a product that may still be in the by-name index (crash-safe cleanup)."""
+        return f"{self.prefix}:product-names:{{{product_id}}}"
+
     def products_by_name(self) -> str:
         return f"{self.prefix}:products:by-name"
 

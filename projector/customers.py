@@ -1,0 +1,76 @@
+"""The `customers` projection: one hash per customer with their order counters.
+
+View `customer:{id}`: id, email, name, order_count, lifetime_value, version. The counters
+are fed by order events; the version of each order already counted is recorded beside
+the view (same hash tag), so a redelivered OrderPlaced never counts twice and a cancel
+reverts exactly what was counted.
+"""
+
+from __future__ import annotations
+
+from cqrs.events import (
+    CustomerRegistered,
+    CustomerRenamed,
+    EventEnvelope,
+    OrderCancelled,
+    OrderPlaced,
+    OrderShipped,
+)
+from cqrs.keys import ViewKeys
+from projector.projection import Projection, cents
+from projector.steps import Step, apply
+
+
+def on_registered(event: EventEnvelope, p: CustomerRegistered, views: ViewKeys) -> list[Step]:
+    key = views.customer(event.aggregate_id)
+    ops = [
+        ("set", "id", str(event.aggregate_id)),
+        ("set", "email", p.email),
+        ("set", "name", p.name),
+        ("incr", "order_count", 0),
+        ("money", "lifetime_value", 0),
+    ]
+    return [apply(key, key, "version", event.version, ops)]
+
+
+def on_renamed(event: EventEnvelope, p: CustomerRenamed, views: ViewKeys) -> list[Step]:
+    key = views.customer(event.aggregate_id)
+    return [apply(key, key, "version", event.version, [("set", "name", p.name)])]
+
+
+def _order_step(event: EventEnvelope, customer_id: object, views: ViewKeys, ops: list) -> Step:
+    return apply(
+        views.customer_order_state(customer_id),
+        views.customer(customer_id),
+        str(event.aggregate_id),
+        event.version,
+        ops,
+    )
+
+
+def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> list[Step]:
+    ops = [("incr", "order_count", 1), ("money", "lifetime_value", cents(p.total))]
+    return [_order_step(event, p.customer_id, views, ops)]
+
+
+def on_order_cancelled(event: EventEnvelope, p: OrderCancelled, views: ViewKeys) -> list[Step]:
+    ops = [("incr", "order_count", -1), ("money", "lifetime_value", -cents(p.total))]
+    return [_order_step(event, p.customer_id, views, ops)]
+
+
+def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: ViewKeys) -> list[Step]:
+    # Nothing to count, but the order's version must advance so its later events apply.
+    return [_order_step(event, p.customer_id, views, [])]
+
+
+CUSTOMERS = Projection(
+    name="customers",
+    version=1,
+    handlers={
+        "CustomerRegistered": on_registered,
+        "CustomerRenamed": on_renamed,
+        "OrderPlaced": on_order_placed,
+        "OrderCancelled": on_order_cancelled,
+        "OrderShipped": on_order_shipped,
+    },
+)

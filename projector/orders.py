@@ -1,0 +1,126 @@
+"""The `orders` projection: one hash per order, denormalized across the three services.
+
+View `order:{id}`: id, customer_id, customer_name (the customer's *current* name),
+status, lines (JSON: product_id, name and unit_price as at order time, qty, line_total),
+total, placed_at, shipped_at, cancelled_at, version. Index `customer-orders:{customer}`:
+the customer's orders scored by placement time.
+
+A customer's events and their orders' events share a partition (the write side uses the
+customer id as partition key), so they arrive here in commit order. The projection keeps
+its own copy of each customer's name (`customer-name:{customer}`) and fans a rename out
+to every order in the customer's index; a new order takes the newest name it knows.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from cqrs.events import (
+    CustomerRegistered,
+    CustomerRenamed,
+    EventEnvelope,
+    OrderCancelled,
+    OrderPlaced,
+    OrderShipped,
+)
+from cqrs.keys import ViewKeys
+from projector.projection import Projection
+from projector.steps import Step, apply, command, script
+
+
+def _customer_name_changed(event: EventEnvelope, name: str, views: ViewKeys) -> list[Step]:
+    customer_id = event.aggregate_id
+    key = views.order_customer(customer_id)
+
+    def fan_out(result: list[Any]) -> list[Step]:
+        current = result[1]
+
+        def update_orders(order_ids: list[str]) -> list[Step]:
+            return [
+                script("set_if_exists", (views.order(o),), ("customer_name", current))
+                for o in order_ids
+            ]
+
+        return [command("ZRANGE", views.customer_orders(customer_id), 0, -1, then=update_orders)]
+
+    return [apply(key, key, "version", event.version, [("set", "name", name)], ("name",), fan_out)]
+
+
+def on_customer_registered(
+    event: EventEnvelope, p: CustomerRegistered, views: ViewKeys
+) -> list[Step]:
+    return _customer_name_changed(event, p.name, views)
+
+
+def on_customer_renamed(event: EventEnvelope, p: CustomerRenamed, views: ViewKeys) -> list[Step]:
+    return _customer_name_changed(event, p.name, views)
+
+
+def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> list[Step]:
+    order_key = views.order(event.aggregate_id)
+    lines = json.dumps(
+        [
+            {
+                "product_id": str(line.product_id),
+                "name": line.name,
+                "unit_price": f"{line.unit_price:.2f}",
+                "qty": line.qty,
+                "line_total": f"{line.line_total:.2f}",
+            }
+            for line in p.lines
+        ],
+        separators=(",", ":"),
+        ensure_ascii=False,
+    )
+
+    def create(result: list[Any]) -> list[Step]:
+        known_name, known_version = result
+        name = p.customer_name
+        if known_name is not None and int(known_version or 0) >= p.customer_version:
+            name = known_name
+        ops = [
+            ("set", "id", str(event.aggregate_id)),
+            ("set", "customer_id", str(p.customer_id)),
+            ("set", "customer_name", name),
+            ("set", "status", "placed"),
+            ("set", "lines", lines),
+            ("set", "total", f"{p.total:.2f}"),
+            ("set", "placed_at", p.placed_at.isoformat()),
+        ]
+        return [apply(order_key, order_key, "version", event.version, ops)]
+
+    placed_ms = int(p.placed_at.timestamp() * 1000)
+    return [
+        script(
+            "zadd_and_read",
+            (views.customer_orders(p.customer_id), views.order_customer(p.customer_id)),
+            (placed_ms, str(event.aggregate_id), "name", "version"),
+            then=create,
+        )
+    ]
+
+
+def on_order_cancelled(event: EventEnvelope, p: OrderCancelled, views: ViewKeys) -> list[Step]:
+    key = views.order(event.aggregate_id)
+    ops = [("set", "status", "cancelled"), ("set", "cancelled_at", p.cancelled_at.isoformat())]
+    return [apply(key, key, "version", event.version, ops)]
+
+
+def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: ViewKeys) -> list[Step]:
+    key = views.order(event.aggregate_id)
+    ops = [("set", "status", "shipped"), ("set", "shipped_at", p.shipped_at.isoformat())]
+    return [apply(key, key, "version", event.version, ops)]
+
+
+ORDERS = Projection(
+    name="orders",
+    version=1,
+    handlers={
+        "CustomerRegistered": on_customer_registered,
+        "CustomerRenamed": on_customer_renamed,
+        "OrderPlaced": on_order_placed,
+        "OrderCancelled": on_order_cancelled,
+        "OrderShipped": on_order_shipped,
+    },
+)

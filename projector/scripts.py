@@ -1,0 +1,135 @@
+"""Lua scripts: the atomic steps of projection.
+
+Each script touches only keys that share one hash tag, so it runs unchanged on Redis
+Cluster. The gate (the version recorded for an aggregate) and the writes it guards change
+in the same script call, which is what makes a redelivered or duplicated event a no-op.
+"""
+
+from __future__ import annotations
+
+import redis
+
+# Money travels as decimal strings with two places; Lua numbers are doubles, exact for
+# integers up to 2^53, so sums are done in integer cents.
+_MONEY = r"""
+local function to_cents(s)
+  if not s or s == '' then return 0 end
+  local sign = 1
+  if string.sub(s, 1, 1) == '-' then sign = -1; s = string.sub(s, 2) end
+  local whole, frac = string.match(s, '^(%d+)%.?(%d*)$')
+  if not whole then return redis.error_reply('not a money amount: ' .. s) end
+  frac = string.sub(frac .. '00', 1, 2)
+  return sign * (tonumber(whole) * 100 + tonumber(frac))
+end
+local function from_cents(c)
+  local sign = ''
+  if c < 0 then sign = '-'; c = -c end
+  return string.format('%s%d.%02d', sign, math.floor(c / 100), c % 100)
+end
+"""
+
+# KEYS[1] gate hash, KEYS[2] target hash
+# ARGV[1] gate field, ARGV[2] event version, ARGV[3] number of ops,
+# then ops as (op, field, value) triples, then the target fields to return.
+# Returns {status, returned fields...}: status 1 applied, 0 already applied, 2 a
+# predecessor is missing (the event must wait; it is not applied).
+APPLY = (
+    _MONEY
+    + r"""
+local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+local version = tonumber(ARGV[2])
+local nops = tonumber(ARGV[3])
+local status = 1
+if version <= stored then
+  status = 0
+elseif version > stored + 1 then
+  status = 2
+else
+  for i = 0, nops - 1 do
+    local op, field, value = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
+    if op == 'set' then
+      redis.call('HSET', KEYS[2], field, value)
+    elseif op == 'del' then
+      redis.call('HDEL', KEYS[2], field)
+    elseif op == 'incr' then
+      redis.call('HINCRBY', KEYS[2], field, value)
+    elseif op == 'money' then
+      local cents = to_cents(redis.call('HGET', KEYS[2], field)) + tonumber(value)
+      redis.call('HSET', KEYS[2], field, from_cents(cents))
+    else
+      return redis.error_reply('unknown op ' .. op)
+    end
+  end
+  redis.call('HSET', KEYS[1], ARGV[1], version)
+end
+local out = {status}
+for i = 4 + 3 * nops, #ARGV do
+  out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i]) or false
+end
+return out
+"""
+)
+
+# Index bookkeeping for a mutable indexed field (a product's name): remember every value
+# that may still be in the index *before* it is added there, so a crash between the index
+# writes never leaves an entry nobody knows how to remove.
+# KEYS[1] view hash, KEYS[2] set of indexed values; ARGV[1] field.
+# Returns {current value or false, members of the set...}.
+TRACK = r"""
+local current = redis.call('HGET', KEYS[1], ARGV[1])
+if current then redis.call('SADD', KEYS[2], current) end
+local out = {current or false}
+for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = member end
+return out
+"""
+
+# HSET only on a view that exists: a fan-out must not create a half view.
+# KEYS[1] hash; ARGV field/value pairs. Returns 1 if written.
+SET_IF_EXISTS = r"""
+if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
+redis.call('HSET', KEYS[1], unpack(ARGV))
+return 1
+"""
+
+# ZADD to a set and read a small hash of the same tag in one step (an order joins its
+# customer's list and learns the name the orders projection knows for that customer).
+# KEYS[1] zset, KEYS[2] hash; ARGV[1] score, ARGV[2] member, ARGV[3..] hash fields.
+ZADD_AND_READ = r"""
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+local out = {}
+for i = 3, #ARGV do out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i]) or false end
+return out
+"""
+
+# Renew a lease only if we still hold it. KEYS[1] lease; ARGV[1] owner, ARGV[2] ms.
+RENEW_LEASE = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('PEXPIRE', KEYS[1], ARGV[2])
+end
+return 0
+"""
+
+RELEASE_LEASE = r"""
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
+SOURCES = {
+    "apply": APPLY,
+    "track": TRACK,
+    "set_if_exists": SET_IF_EXISTS,
+    "zadd_and_read": ZADD_AND_READ,
+    "renew_lease": RENEW_LEASE,
+    "release_lease": RELEASE_LEASE,
+}
+
+
+class Scripts:
+    """The scripts registered on one client; calls go through EVALSHA with a transparent
+    reload after a Redis restart (redis-py's Script does that)."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.by_name = {name: client.register_script(src) for name, src in SOURCES.items()}
+
+    def __getitem__(self, name: str) -> redis.commands.core.Script:
+        return self.by_name[name]

@@ -1,0 +1,134 @@
+"""Steps: how a projection handler describes its writes, and how a batch of them runs.
+
+A handler turns one event into steps. Each step is one atomic, idempotent call on keys
+that share a hash tag (a Lua script or a plain command). A step may depend on what an
+earlier step read (an order needs the customer's current name), so it carries a `then`
+callback that produces follow-up steps from its result.
+
+A whole batch runs in *rounds*: round 1 pipelines the first steps of every event in
+stream order, round 2 pipelines all their follow-ups in the same order, and so on. One
+network round trip per round, whatever the batch size, and the relative order of two
+events' writes is preserved within every round.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from projector.scripts import Scripts
+
+APPLIED, DUPLICATE, GAP = 1, 0, 2
+
+
+@dataclass
+class Step:
+    script: str | None = None
+    keys: Sequence[str] = ()
+    args: Sequence[Any] = ()
+    command: Sequence[Any] = ()
+    then: Callable[[Any], list[Step]] | None = None
+    # The result's first element is a version-gate status: GAP means the event cannot be
+    # applied yet (a predecessor is missing), which fails the event.
+    gated: bool = False
+
+
+def apply(
+    gate_key: str,
+    target_key: str,
+    gate_field: str,
+    version: int,
+    ops: Sequence[tuple[str, str, Any]] = (),
+    returns: Sequence[str] = (),
+    then: Callable[[Any], list[Step]] | None = None,
+) -> Step:
+    """Apply `ops` to `target_key` once: only when `version` is exactly the next one
+    recorded under `gate_field` of `gate_key` (both in one hash tag)."""
+    args: list[Any] = [gate_field, version, len(ops)]
+    for op, name, value in ops:
+        args += [op, name, value]
+    args += list(returns)
+    return Step(script="apply", keys=(gate_key, target_key), args=args, then=then, gated=True)
+
+
+def command(*args: Any, then: Callable[[Any], list[Step]] | None = None) -> Step:
+    return Step(command=args, then=then)
+
+
+def script(
+    name: str,
+    keys: Sequence[str],
+    args: Sequence[Any] = (),
+    then: Callable[[Any], list[Step]] | None = None,
+) -> Step:
+    return Step(script=name, keys=keys, args=args, then=then)
+
+
+@dataclass
+class BatchOutcome:
+    """Per event of the batch: None when all its steps succeeded, else the error."""
+
+    errors: list[str | None]
+    applied: int = 0
+    duplicates: int = 0
+    rounds: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+def run_steps(client: redis.Redis, scripts: Scripts, per_event: list[list[Step]]) -> BatchOutcome:
+    """Run every event's steps in rounds; an error in one event never stops the others.
+
+    A version-gated step that finds its predecessor missing is retried in the next round
+    when an earlier event of the batch still has steps to run (the predecessor may be one
+    of them: an order is created in round 2, its cancel arrives in round 1). Only when no
+    earlier event is still in flight is the gap real, and the event fails.
+    """
+    outcome = BatchOutcome(errors=[None] * len(per_event))
+    pending: list[tuple[int, Step]] = [(i, s) for i, steps in enumerate(per_event) for s in steps]
+    while pending:
+        outcome.rounds += 1
+        pipe = client.pipeline(transaction=False)
+        for _, step in pending:
+            if step.script:
+                scripts[step.script](keys=list(step.keys), args=list(step.args), client=pipe)
+            else:
+                pipe.execute_command(*step.command)
+        results = pipe.execute(raise_on_error=False)
+        follow: list[tuple[int, Step]] = []
+        gaps: list[tuple[int, Step]] = []
+        for (index, step), result in zip(pending, results, strict=True):
+            if outcome.errors[index] is not None:
+                continue
+            if isinstance(result, Exception):
+                outcome.errors[index] = f"{type(result).__name__}: {result}"
+                continue
+            if step.gated:
+                status = int(result[0])
+                if status == GAP:
+                    gaps.append((index, step))
+                    continue
+                if status == APPLIED:
+                    outcome.applied += 1
+                else:
+                    outcome.duplicates += 1
+            if step.then is not None:
+                try:
+                    follow += [(index, s) for s in step.then(result)]
+                except Exception as exc:  # a handler bug is a poison event, not a crash
+                    outcome.errors[index] = f"{type(exc).__name__}: {exc}"
+        in_flight = [i for i, _ in follow if outcome.errors[i] is None]
+        earliest = min(in_flight, default=len(per_event))
+        for index, step in gaps:
+            if index > earliest:
+                follow.append((index, step))
+            else:
+                outcome.errors[index] = (
+                    f"version {step.args[1]} arrived before its predecessor "
+                    "(an earlier event of this aggregate is missing or dead-lettered)"
+                )
+        follow.sort(key=lambda item: item[0])  # stable: keeps each event's own step order
+        pending = [(i, s) for i, s in follow if outcome.errors[i] is None]
+    return outcome

@@ -1,0 +1,443 @@
+"""The projector worker: consumer groups, partition leases, batches, recovery.
+
+Work is split into *slots*, one per (projection, partition stream). A slot is processed
+by exactly one worker at a time, which holds its lease (a Redis key with a TTL, renewed
+while the worker lives). That is how several worker processes share the work while the
+events of one aggregate (all in one partition) are still applied one at a time, in
+stream order. Each projection has its own consumer group on every partition stream.
+
+A worker that dies loses its leases when they expire; whoever takes a slot over first
+claims every entry still pending in that slot's group (XAUTOCLAIM, min-idle 0: holding
+the lease proves the previous owner is gone) and applies them before reading new ones.
+Applying is idempotent (version gates), so an entry the dead worker had applied but not
+acknowledged changes nothing the second time.
+
+An entry that fails stays pending and is retried after a short idle time (XPENDING IDLE
++ XCLAIM, which counts deliveries); after `max_deliveries` it moves to the projection's
+dead-letter stream and is acknowledged, so a poison event never stops a projection.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import os
+import socket
+import threading
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import redis
+
+from cqrs.events import PAYLOAD_TYPES, EventEnvelope, EventError
+from cqrs.keys import KeyMap, ViewKeys
+from cqrs.settings import Settings
+from cqrs.streams import parse_entry_id, stream_partitions
+from projector.deadletters import dead_letter_fields
+from projector.projection import Projection
+from projector.scripts import Scripts
+from projector.steps import Step, run_steps
+
+log = logging.getLogger(__name__)
+
+RETRY_IDLE_MS = 200
+_TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+def current_generation(client: redis.Redis, keys: KeyMap, projection: str) -> int:
+    client.setnx(keys.generation(projection), 1)
+    return int(client.get(keys.generation(projection)) or 1)
+
+
+@dataclass
+class Slot:
+    projection: Projection
+    partition: int
+    stream: str
+    lease: str
+    recovering: bool = True
+    retry_due: bool = False
+
+
+@dataclass
+class Entry:
+    slot: Slot
+    entry_id: str
+    fields: dict[str, str] | None  # None: the entry was trimmed/deleted while pending
+
+
+@dataclass
+class WorkerStats:
+    batches: int = 0
+    applied: int = 0
+    duplicates: int = 0
+    acked: int = 0
+    failed: int = 0
+    dead_lettered: int = 0
+    skipped: int = 0
+    extra: dict[str, int] = field(default_factory=dict)
+
+
+class Worker:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        projections: Iterable[Projection],
+        consumer: str | None = None,
+    ) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = KeyMap(settings.namespace)
+        self.scripts = Scripts(client)
+        self.projections = list(projections)
+        self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.partitions = stream_partitions(client, self.keys, settings.partitions)
+        self.owned: dict[tuple[str, int], Slot] = {}
+        self.views: dict[str, ViewKeys] = {}
+        self.stats = WorkerStats()
+        self._last_maintenance = 0.0
+        self._pubsub: redis.client.PubSub | None = None
+        # Last error per pending entry, carried into its dead letter.
+        self._last_errors: dict[tuple[str, str, str], str] = {}
+
+    # --- leases ------------------------------------------------------------------------
+
+    def _all_slots(self) -> list[tuple[Projection, int]]:
+        return [(p, n) for p in self.projections for n in range(self.partitions)]
+
+    def _fair_share(self, drain: bool) -> int:
+        total = len(self._all_slots())
+        if drain:
+            return total
+        now_ms = int(time.time() * 1000)
+        alive = 0
+        for projection in self.projections:
+            key = self.keys.workers(projection.name)
+            alive = max(
+                alive, self.redis.zcount(key, now_ms - 3 * self.settings.projector_lease_ms, "+inf")
+            )
+        return math.ceil(total / max(alive, 1))
+
+    def maintain(self, *, drain: bool = False, force: bool = False) -> None:
+        """Heartbeat, renew held leases, take free slots up to a fair share, give back extras."""
+        lease_ms = self.settings.projector_lease_ms
+        if not force and (time.monotonic() - self._last_maintenance) * 1000 < lease_ms / 3:
+            return
+        self._last_maintenance = time.monotonic()
+        now_ms = int(time.time() * 1000)
+        pipe = self.redis.pipeline(transaction=False)
+        for projection in self.projections:
+            key = self.keys.workers(projection.name)
+            pipe.zadd(key, {self.consumer: now_ms})
+            pipe.zremrangebyscore(key, "-inf", now_ms - 10 * lease_ms)
+        slots = list(self.owned.values())
+        for slot in slots:
+            self.scripts["renew_lease"](
+                keys=[slot.lease], args=[self.consumer, lease_ms], client=pipe
+            )
+        results = pipe.execute()
+        for slot, renewed in zip(slots, results[2 * len(self.projections) :], strict=True):
+            if not renewed:
+                log.warning("lost lease on %s partition %d", slot.projection.name, slot.partition)
+                self.owned.pop((slot.projection.name, slot.partition), None)
+
+        share = self._fair_share(drain)
+        for projection, partition in self._all_slots():
+            if len(self.owned) >= share:
+                break
+            if (projection.name, partition) in self.owned:
+                continue
+            lease = self.keys.lease(projection.name, partition)
+            if self.redis.set(lease, self.consumer, nx=True, px=lease_ms):
+                self._take(projection, partition, lease)
+        while len(self.owned) > share:
+            key, slot = next(reversed(self.owned.items()))
+            self._release(slot)
+            del self.owned[key]
+        for projection in self.projections:
+            self.views[projection.name] = self.keys.views(
+                projection.name, current_generation(self.redis, self.keys, projection.name)
+            )
+
+    def _take(self, projection: Projection, partition: int, lease: str) -> None:
+        stream = self.keys.stream(partition)
+        self._ensure_group(stream, projection.name)
+        self.owned[(projection.name, partition)] = Slot(projection, partition, stream, lease)
+        log.info("took %s partition %d", projection.name, partition)
+
+    def _ensure_group(self, stream: str, group: str) -> None:
+        # From the beginning of the stream, never "$": a new (or recreated) group must see
+        # every event the stream still holds; gates make the re-applied ones no-ops.
+        try:
+            self.redis.xgroup_create(stream, group, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def _release(self, slot: Slot) -> None:
+        self.scripts["release_lease"](keys=[slot.lease], args=[self.consumer])
+
+    def release_all(self) -> None:
+        for slot in self.owned.values():
+            with contextlib.suppress(_TRANSIENT):
+                self._release(slot)
+        self.owned.clear()
+        for projection in self.projections:
+            with contextlib.suppress(_TRANSIENT):
+                self.redis.zrem(self.keys.workers(projection.name), self.consumer)
+
+    # --- reading -----------------------------------------------------------------------
+
+    def _read(self) -> list[Entry]:
+        """One pipelined read over every owned slot: claims while recovering, due retries,
+        then new entries. Non-blocking; the caller waits for a wake-up when idle."""
+        count = self.settings.projector_batch_size
+        slots = list(self.owned.values())
+        if not slots:
+            return []
+        pipe = self.redis.pipeline(transaction=False)
+        kinds: list[str] = []
+        for slot in slots:
+            group = slot.projection.name
+            if slot.recovering:
+                pipe.xautoclaim(slot.stream, group, self.consumer, 0, "0-0", count=count)
+                kinds.append("claim")
+            elif slot.retry_due:
+                pipe.xpending_range(
+                    slot.stream,
+                    group,
+                    "-",
+                    "+",
+                    count,
+                    consumername=self.consumer,
+                    idle=RETRY_IDLE_MS,
+                )
+                kinds.append("pending")
+            else:
+                pipe.xreadgroup(group, self.consumer, {slot.stream: ">"}, count=count)
+                kinds.append("new")
+        results = pipe.execute(raise_on_error=False)
+        entries: list[Entry] = []
+        for slot, kind, result in zip(slots, kinds, results, strict=True):
+            if isinstance(result, redis.ResponseError) and "NOGROUP" in str(result):
+                log.error(
+                    "consumer group %s on %s is gone (Redis restarted or flushed?); "
+                    "recreating it from the start of the stream",
+                    slot.projection.name,
+                    slot.stream,
+                )
+                self._ensure_group(slot.stream, slot.projection.name)
+                slot.recovering = True
+                continue
+            if isinstance(result, Exception):
+                raise result
+            if kind == "claim":
+                _next, claimed, deleted = result[0], result[1], result[2] if len(result) > 2 else []
+                entries += [Entry(slot, eid, fields) for eid, fields in claimed]
+                entries += [Entry(slot, eid, None) for eid in deleted]
+                if not claimed and not deleted:
+                    slot.recovering = False
+            elif kind == "pending":
+                entries += self._claim_retries(slot, result)
+            else:
+                for _stream, rows in result or []:
+                    entries += [Entry(slot, eid, fields) for eid, fields in rows]
+        return entries
+
+    def _claim_retries(self, slot: Slot, pending: list[dict[str, Any]]) -> list[Entry]:
+        if not pending:
+            # Nothing idle long enough yet; stay in retry mode only while some remain.
+            slot.retry_due = bool(
+                self.redis.xpending_range(
+                    slot.stream, slot.projection.name, "-", "+", 1, consumername=self.consumer
+                )
+            )
+            return []
+        exhausted = [
+            p["message_id"]
+            for p in pending
+            if p["times_delivered"] >= self.settings.projector_max_deliveries
+        ]
+        retry = [p["message_id"] for p in pending if p["message_id"] not in set(exhausted)]
+        entries: list[Entry] = []
+        if exhausted:
+            self._dead_letter_ids(slot, exhausted, {p["message_id"]: p for p in pending})
+        if retry:
+            claimed = self.redis.xclaim(
+                slot.stream, slot.projection.name, self.consumer, RETRY_IDLE_MS, retry
+            )
+            found = {eid for eid, _ in claimed}
+            entries += [Entry(slot, eid, fields) for eid, fields in claimed]
+            entries += [Entry(slot, eid, None) for eid in retry if eid not in found]
+        return entries
+
+    def _dead_letter_ids(self, slot: Slot, ids: list[str], info: dict[str, dict]) -> None:
+        errors = self._last_errors
+        pipe = self.redis.pipeline(transaction=False)
+        for eid in ids:
+            rows = self.redis.xrange(slot.stream, eid, eid)
+            fields = rows[0][1] if rows else {}
+            error = errors.pop((slot.projection.name, slot.stream, eid), "failed repeatedly")
+            deliveries = int(info[eid]["times_delivered"])
+            pipe.xadd(
+                self.keys.dead_letters(slot.projection.name),
+                dead_letter_fields(
+                    slot.projection.name, slot.stream, eid, fields, error, deliveries
+                ),
+            )
+            log.error(
+                "dead-lettered %s %s after %d deliveries: %s",
+                slot.projection.name,
+                eid,
+                deliveries,
+                error,
+            )
+        pipe.execute()
+        self.redis.xack(slot.stream, slot.projection.name, *ids)
+        self.stats.dead_lettered += len(ids)
+
+    # --- applying ----------------------------------------------------------------------
+
+    def steps_for(self, projection: Projection, fields: dict[str, str]) -> list[Step] | None:
+        """The steps of one entry for one projection; None when it does not concern it.
+        Raises EventError for anything malformed."""
+        event = EventEnvelope.from_stream_fields(fields)
+        if event.event_type not in PAYLOAD_TYPES:
+            raise EventError(f"unknown event type {event.event_type!r}")
+        handler = projection.handlers.get(event.event_type)
+        if handler is None:
+            return None
+        return handler(event, event.typed_payload(), self.views[projection.name])
+
+    def process(self, entries: list[Entry]) -> None:
+        per_event: list[list[Step]] = []
+        errors: list[str | None] = []
+        for entry in entries:
+            if entry.fields is None:
+                per_event.append([])
+                errors.append(None)  # trimmed while pending: nothing left to apply
+                continue
+            try:
+                steps = self.steps_for(entry.slot.projection, entry.fields)
+            except EventError as exc:
+                per_event.append([])
+                errors.append(str(exc))
+                continue
+            except Exception as exc:  # a handler bug must not stop the projection
+                per_event.append([])
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if steps is None:
+                self.stats.skipped += 1
+            per_event.append(steps or [])
+            errors.append(None)
+        outcome = run_steps(self.redis, self.scripts, per_event)
+        self.stats.applied += outcome.applied
+        self.stats.duplicates += outcome.duplicates
+        acks: dict[tuple[str, str], list[str]] = {}
+        for entry, parse_error, step_error in zip(entries, errors, outcome.errors, strict=True):
+            error = parse_error or step_error
+            slot = entry.slot
+            if error is None:
+                acks.setdefault((slot.stream, slot.projection.name), []).append(entry.entry_id)
+                self._last_errors.pop((slot.projection.name, slot.stream, entry.entry_id), None)
+            else:
+                self.stats.failed += 1
+                slot.retry_due = True
+                self._last_errors[(slot.projection.name, slot.stream, entry.entry_id)] = error
+                log.warning("%s %s failed: %s", slot.projection.name, entry.entry_id, error)
+        pipe = self.redis.pipeline(transaction=False)
+        for (stream, group), ids in acks.items():
+            pipe.xack(stream, group, *ids)
+            self.stats.acked += len(ids)
+        if acks:
+            pipe.publish(self.keys.applied_channel(), len(entries))
+        pipe.execute()
+        self.stats.batches += 1
+
+    # --- loop --------------------------------------------------------------------------
+
+    def run_once(self, *, drain: bool = False) -> int:
+        """Maintain leases, read one batch over all owned slots, apply it; returns the
+        number of entries handled."""
+        self.maintain(drain=drain)
+        entries = self._read()
+        if entries:
+            self.process(entries)
+        return len(entries)
+
+    def caught_up(self) -> bool:
+        """Every group of every projection has read its whole stream and has nothing
+        pending (dead letters are acknowledged, so they do not hold this up)."""
+        pipe = self.redis.pipeline(transaction=False)
+        pairs = self._all_slots()
+        for _projection, partition in pairs:
+            pipe.xinfo_groups(self.keys.stream(partition))
+            pipe.xinfo_stream(self.keys.stream(partition))
+        results = pipe.execute(raise_on_error=False)
+        for i, (projection, _partition) in enumerate(pairs):
+            groups, info = results[2 * i], results[2 * i + 1]
+            if isinstance(info, Exception) or isinstance(groups, Exception):
+                continue  # no stream yet: nothing to project there
+            group = next((g for g in groups if g["name"] == projection.name), None)
+            if info["length"] and group is None:
+                return False
+            if group is None:
+                continue
+            behind = parse_entry_id(group["last-delivered-id"]) < parse_entry_id(
+                info["last-generated-id"]
+            )
+            if group["pending"] or behind:
+                return False
+        return True
+
+    def _wait_for_work(self, stop: threading.Event, timeout: float) -> None:
+        if self._pubsub is None:
+            self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+            self._pubsub.subscribe(self.keys.relay_wakeup_channel())
+        deadline = time.monotonic() + timeout
+        while not stop.is_set() and time.monotonic() < deadline:
+            message = self._pubsub.get_message(
+                timeout=min(0.2, max(deadline - time.monotonic(), 0))
+            )
+            if message is not None:
+                # Drain whatever else queued up so one burst means one wake-up.
+                while self._pubsub.get_message(timeout=0) is not None:
+                    pass
+                return
+
+    def run(self, stop: threading.Event, *, drain: bool = False) -> None:
+        """Project until `stop` is set (or, with `drain`, until everything is applied)."""
+        backoff = 0.1
+        try:
+            while not stop.is_set():
+                try:
+                    handled = self.run_once(drain=drain)
+                    backoff = 0.1
+                    if drain and not handled and self.caught_up():
+                        return
+                    if not handled:
+                        retrying = any(s.retry_due for s in self.owned.values())
+                        wait = (
+                            RETRY_IDLE_MS / 1000
+                            if retrying or drain
+                            else self.settings.projector_block_ms / 1000
+                        )
+                        self._wait_for_work(stop, wait)
+                except _TRANSIENT as exc:
+                    log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    self._pubsub = None
+                    stop.wait(backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    for slot in self.owned.values():
+                        slot.recovering = True
+        finally:
+            self.release_all()
+            if self._pubsub is not None:
+                with contextlib.suppress(_TRANSIENT):
+                    self._pubsub.close()
