@@ -10,6 +10,8 @@ import logging
 import threading
 from collections.abc import Callable
 
+import psycopg
+import redis
 import typer
 from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import OperationalError
@@ -265,6 +267,12 @@ def relay_command(
         stop = threading.Event()
         install_stop_handlers(stop)
         relay.run(stop)
+    except (OperationalError, psycopg.OperationalError) as exc:
+        # One line, not a traceback; `run` itself retries, so this is startup or --drain.
+        orig = getattr(exc, "orig", None) or exc
+        fail(f"cannot reach PostgreSQL: {str(orig).splitlines()[0]}")
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        fail(f"cannot reach Redis: {exc}")
     finally:
         wiring.close()
 
