@@ -277,9 +277,45 @@ def relay_command(
         wiring.close()
 
 
+def run_command_(
+    drain: bool = typer.Option(
+        False, "--drain", help="Relay and project everything pending, then exit 0."
+    ),
+) -> None:
+    """Run the relay and every projection in one process (development, demos, scripts)."""
+    from projector.cli import configure_logging
+    from projector.registry import PROJECTIONS
+    from projector.worker import Worker
+
+    configure_logging()
+    wiring = Wiring(load_settings())
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    try:
+        ensure_schema(wiring)
+        relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
+        worker = Worker(wiring.redis, wiring.settings, PROJECTIONS.values())
+        if drain:
+            # Relay, project to the end, and go round again if writers added more meanwhile.
+            while relay.drain() or not worker.caught_up():
+                worker.run(stop, drain=True)
+                if stop.is_set():
+                    break
+            stats = worker.stats
+            out.print(f"drained: {stats.applied} applied, {stats.dead_lettered} dead-lettered")
+            return
+        relay_thread = threading.Thread(target=relay.run, args=(stop,), name="relay", daemon=True)
+        relay_thread.start()
+        worker.run(stop)
+        relay_thread.join(timeout=10)
+    finally:
+        wiring.close()
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(product_app, name="product")
     app.add_typer(customer_app, name="customer")
     app.add_typer(order_app, name="order")
     app.add_typer(db_app, name="db")
     app.command("relay")(relay_command)
+    app.command("run")(run_command_)
