@@ -19,7 +19,6 @@ from projector.deadletters import (
 )
 from projector.projection import Projection
 from projector.registry import PROJECTIONS
-from projector.steps import run_steps
 from projector.verify import verify
 from projector.worker import Worker, current_generation
 
@@ -130,7 +129,9 @@ def dlq_list(
 
 @dlq_app.command("show")
 def dlq_show(
-    dlq_id: str = typer.Argument(..., metavar="ID"), projection: str = PROJECTION_OPTION
+    dlq_id: str = typer.Argument(..., metavar="ID"),
+    projection: str = PROJECTION_OPTION,
+    json_output: bool = typer.Option(True, "--json", help="Always JSON; accepted for symmetry."),
 ) -> None:
     """One dead letter with its original entry (JSON)."""
     select_projections([projection])
@@ -157,29 +158,10 @@ def dlq_retry(
     try:
         letters = _letters(wiring, projection, ids or [], all_)
         worker = Worker(wiring.redis, wiring.settings, [chosen], consumer="dlq-retry")
-        worker.views[projection] = wiring.keys.views(
-            projection, current_generation(wiring.redis, wiring.keys, projection)
-        )
-        per_event, errors = [], []
-        for letter in letters:
-            try:
-                per_event.append(worker.steps_for(chosen, letter.fields) or [])
-                errors.append(None)
-            except Exception as exc:
-                per_event.append([])
-                errors.append(f"{type(exc).__name__}: {exc}")
-        outcome = run_steps(wiring.redis, worker.scripts, per_event)
-        done = [
-            d for d, e1, e2 in zip(letters, errors, outcome.errors, strict=True) if not (e1 or e2)
-        ]
-        failed = [
-            (d, e1 or e2)
-            for d, e1, e2 in zip(letters, errors, outcome.errors, strict=True)
-            if e1 or e2
-        ]
+        results = worker.reapply(chosen, letters)
+        done = [d for d, error in zip(letters, results, strict=True) if error is None]
+        failed = [(d, e) for d, e in zip(letters, results, strict=True) if e is not None]
         drop_dead_letters(wiring.redis, wiring.keys, projection, done)
-        if done:
-            wiring.redis.publish(wiring.keys.applied_channel(), len(done))
     finally:
         wiring.close()
     if json_output:
@@ -202,6 +184,7 @@ def dlq_drop(
     ids: list[str] = typer.Argument(None, metavar="[ID]..."),
     projection: str = PROJECTION_OPTION,
     all_: bool = typer.Option(False, "--all", help="Drop every dead letter."),
+    json_output: bool = typer.Option(False, "--json"),
 ) -> None:
     """Delete dead letters without applying them."""
     select_projections([projection])
@@ -211,7 +194,10 @@ def dlq_drop(
         dropped = drop_dead_letters(wiring.redis, wiring.keys, projection, letters)
     finally:
         wiring.close()
-    out.print(f"dropped {dropped} dead letter(s)")
+    if json_output:
+        print_json({"dropped": dropped})
+    else:
+        out.print(f"dropped {dropped} dead letter(s)")
 
 
 def register(app: typer.Typer) -> None:

@@ -37,7 +37,7 @@ from cqrs.events import PAYLOAD_TYPES, EventEnvelope, EventError
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.settings import Settings
 from cqrs.streams import parse_entry_id, stream_partitions
-from projector.deadletters import dead_letter_fields
+from projector.deadletters import DeadLetter, dead_letter_fields
 from projector.projection import Projection
 from projector.scripts import Scripts
 from projector.steps import Step, run_steps
@@ -313,6 +313,27 @@ class Worker:
         if handler is None:
             return None
         return handler(event, event.typed_payload(), self.views[projection.name])
+
+    def reapply(self, projection: Projection, letters: list[DeadLetter]) -> list[str | None]:
+        """Apply dead letters again, oldest first, in one batch; the error per letter (None
+        when it applied or was already applied)."""
+        self.views[projection.name] = self.keys.views(
+            projection.name, current_generation(self.redis, self.keys, projection.name)
+        )
+        per_event: list[list[Step]] = []
+        errors: list[str | None] = []
+        for letter in letters:
+            try:
+                per_event.append(self.steps_for(projection, letter.fields) or [])
+                errors.append(None)
+            except Exception as exc:
+                per_event.append([])
+                errors.append(f"{type(exc).__name__}: {exc}")
+        outcome = run_steps(self.redis, self.scripts, per_event)
+        results = [e1 or e2 for e1, e2 in zip(errors, outcome.errors, strict=True)]
+        if any(r is None for r in results):
+            self.redis.publish(self.keys.applied_channel(), len(results))
+        return results
 
     def process(self, entries: list[Entry]) -> None:
         per_event: list[list[Step]] = []
