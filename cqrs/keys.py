@@ -83,6 +83,9 @@ class ViewKeys:
         """Names of a product that may still be in the by-name index (crash-safe cleanup)."""
         return f"{self.prefix}:product-names:{{{product_id}}}"
 
+    def product_prices(self, product_id: UUID | str) -> str:
+        return f"{self.prefix}:product-prices:{{{product_id}}}"
+
     def products_by_name(self) -> str:
         return f"{self.prefix}:products:by-name"
 

@@ -3,7 +3,8 @@
 View `order:{id}`: id, customer_id, customer_name (the customer's *current* name),
 status, lines (JSON: product_id, name and unit_price as at order time, qty, line_total),
 total, placed_at, shipped_at, cancelled_at, version. Index `customer-orders:{customer}`:
-the customer's orders scored by placement time.
+the customer's orders as a lexicographic sorted set (score 0, member
+`<placed_at ms, zero-padded>:<order id>`), so "newest first" pages by an opaque cursor.
 
 A customer's events and their orders' events share a partition (the write side uses the
 customer id as partition key), so they arrive here in commit order. The projection keeps
@@ -14,7 +15,9 @@ to every order in the customer's index; a new order takes the newest name it kno
 from __future__ import annotations
 
 import json
+from datetime import datetime
 from typing import Any
+from uuid import UUID
 
 from cqrs.events import (
     CustomerRegistered,
@@ -29,6 +32,14 @@ from projector.projection import Projection
 from projector.steps import Step, apply, command, script
 
 
+def order_member(placed_at: datetime, order_id: UUID | str) -> str:
+    return f"{int(placed_at.timestamp() * 1000):015d}:{order_id}"
+
+
+def order_member_id(member: str) -> str:
+    return member.rsplit(":", 1)[-1]
+
+
 def _customer_name_changed(event: EventEnvelope, name: str, views: ViewKeys) -> list[Step]:
     customer_id = event.aggregate_id
     key = views.order_customer(customer_id)
@@ -36,10 +47,12 @@ def _customer_name_changed(event: EventEnvelope, name: str, views: ViewKeys) -> 
     def fan_out(result: list[Any]) -> list[Step]:
         current = result[1]
 
-        def update_orders(order_ids: list[str]) -> list[Step]:
+        def update_orders(members: list[str]) -> list[Step]:
             return [
-                script("set_if_exists", (views.order(o),), ("customer_name", current))
-                for o in order_ids
+                script(
+                    "set_if_exists", (views.order(order_member_id(m)),), ("customer_name", current)
+                )
+                for m in members
             ]
 
         return [command("ZRANGE", views.customer_orders(customer_id), 0, -1, then=update_orders)]
@@ -90,12 +103,11 @@ def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> li
         ]
         return [apply(order_key, order_key, "version", event.version, ops)]
 
-    placed_ms = int(p.placed_at.timestamp() * 1000)
     return [
         script(
             "zadd_and_read",
             (views.customer_orders(p.customer_id), views.order_customer(p.customer_id)),
-            (placed_ms, str(event.aggregate_id), "name", "version"),
+            (0, order_member(p.placed_at, event.aggregate_id), "name", "version"),
             then=create,
         )
     ]

@@ -1,9 +1,11 @@
 """The `products` projection: one hash per product plus the catalog indexes.
 
 View `product:{id}`: id, sku, name, price, stock, units_sold, revenue, version.
-Indexes: by name (lexicographic, member `<casefolded name>\\x00<id>`), by price (score in
-cents), top products (score units_sold). Index entries are absolute values recomputed from
-the view after every event, so replays and duplicates converge instead of drifting.
+Indexes: by name and by price are lexicographic sorted sets (all scores 0, members
+`<casefolded name>\\x00<name>\\x00<id>` and `<cents, zero-padded>\\x00<id>`), so pages
+continue after an opaque cursor even while products are added; top products is scored by
+units_sold. Index entries are recomputed from the view after every event, so replays and
+duplicates converge instead of drifting.
 """
 
 from __future__ import annotations
@@ -31,35 +33,50 @@ def name_member(name: str, product_id: UUID | str) -> str:
     return f"{name.casefold()}{NAME_SEPARATOR}{name}{NAME_SEPARATOR}{product_id}"
 
 
+def price_member(price: str, product_id: UUID | str) -> str:
+    return f"{cents(price):015d}{NAME_SEPARATOR}{product_id}"
+
+
+def member_id(member: str) -> str:
+    """The product id at the end of an index member."""
+    return member.rsplit(NAME_SEPARATOR, 1)[-1]
+
+
 def _steps(event: EventEnvelope, views: ViewKeys, ops: list[tuple[str, str, Any]]) -> list[Step]:
     pid = event.aggregate_id
     key = views.product(pid)
 
-    def reindex_scores(result: list[Any]) -> list[Step]:
-        _, price, units_sold = result
-        steps = []
-        if price is not None:
-            steps.append(command("ZADD", views.products_by_price(), cents(price), str(pid)))
-        if units_sold is not None:
-            steps.append(command("ZADD", views.top_products(), int(units_sold), str(pid)))
-        return steps
-
-    def reindex_name(result: list[Any]) -> list[Step]:
-        current, *known = result
-        if current is None:
+    def reindex_top(result: list[Any]) -> list[Step]:
+        units_sold = result[1]
+        if units_sold is None:
             return []
-        stale = [n for n in known if n != current]
-        steps = [command("ZADD", views.products_by_name(), 0, name_member(current, pid))]
-        steps += [command("ZREM", views.products_by_name(), name_member(n, pid)) for n in stale]
-        if stale:
-            # Forget stale names only after they left the index (next round).
-            steps[-1].then = lambda _r: [command("SREM", views.product_names(pid), *stale)]
-        return steps
+        return [command("ZADD", views.top_products(), int(units_sold), str(pid))]
 
-    return [
-        apply(key, key, "version", event.version, ops, ("price", "units_sold"), reindex_scores),
-        script("track", (key, views.product_names(pid)), ("name",), then=reindex_name),
-    ]
+    def reindex(tracked: str, index: str, member: Any) -> Any:
+        def follow(result: list[Any]) -> list[Step]:
+            current, *known = result
+            if current is None:
+                return []
+            stale = [v for v in known if v != current]
+            steps = [command("ZADD", index, 0, member(current, pid))]
+            steps += [command("ZREM", index, member(v, pid)) for v in stale]
+            if stale:
+                # Forget stale values only after they left the index (next round).
+                steps[-1].then = lambda _r: [command("SREM", tracked, *stale)]
+            return steps
+
+        return follow
+
+    names, prices = views.product_names(pid), views.product_prices(pid)
+    steps = [apply(key, key, "version", event.version, ops, ("units_sold",), reindex_top)]
+    for tracked, field, index, member in (
+        (names, "name", views.products_by_name(), name_member),
+        (prices, "price", views.products_by_price(), price_member),
+    ):
+        steps.append(
+            script("track", (key, tracked), (field,), then=reindex(tracked, index, member))
+        )
+    return steps
 
 
 def on_created(event: EventEnvelope, p: ProductCreated, views: ViewKeys) -> list[Step]:

@@ -21,8 +21,8 @@ import redis
 
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.urls import libpq_url
-from projector.products import name_member
-from projector.projection import cents
+from projector.orders import order_member_id
+from projector.products import name_member, price_member
 
 
 @dataclass(frozen=True)
@@ -209,7 +209,7 @@ def verify(
     diffs += _compare_zset(
         client,
         products.products_by_price(),
-        {p["id"]: float(cents(p["price"])) for p in prods},
+        {price_member(p["price"], p["id"]): 0.0 for p in prods},
         "products-by-price",
     )
     diffs += _compare_zset(
@@ -219,7 +219,7 @@ def verify(
         "top-products",
     )
     for cid in expected["customer"]:
-        actual = set(client.zrange(orders.customer_orders(cid), 0, -1))
+        actual = {order_member_id(m) for m in client.zrange(orders.customer_orders(cid), 0, -1)}
         want = customer_orders.get(cid, set())
         if actual != want:
             diffs.append(
