@@ -1,0 +1,343 @@
+"""The relay's known traps: sequence gaps, concurrent relays, failover and wake-up.
+
+- Gap: a transaction that took an early log position and commits late is still published
+  (a "position > last published" cursor would skip it forever).
+- Two relays, plus CLI-style publish-after-commit passes, running at the same time publish
+  every event exactly once (or as an identical copy) in per-aggregate order; and, made
+  deterministic, a pass that overlaps another queues behind the rows that one holds.
+- A standby relay takes over when the active relay's process is SIGKILLed.
+- NOTIFY: with a 30 s poll interval, a commit reaches its stream within seconds.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import psycopg
+import pytest
+import redis
+
+from commands import catalog
+from commands.db import make_session_factory
+from commands.handlers import execute
+from commands.relay import Relay
+from commands.results import CommandResult
+from commands.uow import UnitOfWork
+from cqrs.settings import Settings
+from cqrs.urls import libpq_url
+from cqrs.wiring import Wiring
+from tests.helpers import wait_until
+from tests.integration.stream_checks import (
+    assert_published_exactly_once,
+    outbox_count,
+    published_event_ids,
+    read_streams,
+    stream_length,
+)
+from tests.integration.workload import Workload
+
+
+def _create(n: int) -> catalog.CreateProduct:
+    return catalog.CreateProduct(sku=f"GAP-{n}", name=f"Gap {n}", price="1.00", stock=5)
+
+
+def test_late_commit_with_early_position_is_published(wiring: Wiring) -> None:
+    session_factory = make_session_factory(wiring.engine)
+    relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
+    positions_taken = threading.Event()
+    release = threading.Event()
+
+    def slow_command() -> CommandResult:
+        """A real command through the real UnitOfWork, held open after its events were
+        appended (positions taken) and just before COMMIT."""
+        with UnitOfWork(session_factory) as uow:
+            real_commit = uow.session.commit
+
+            def held_commit() -> None:
+                positions_taken.set()
+                assert release.wait(30), "the test never released the slow transaction"
+                real_commit()
+
+            uow.session.commit = held_commit  # type: ignore[method-assign]
+            return catalog.create_product(_create(0), uow)
+
+    with ThreadPoolExecutor(1) as pool:
+        slow = pool.submit(slow_command)
+        try:
+            assert positions_taken.wait(10), "the slow command never reached its commit"
+            fast = [execute(_create(n), session_factory) for n in range(1, 6)]
+
+            assert relay.drain() == 5
+            on_streams = published_event_ids(wiring.redis, wiring.keys, wiring.settings)
+            assert {str(r.events[0].event_id) for r in fast} == on_streams
+            assert relay.drain() == 0, "an uncommitted event must not be published"
+        finally:
+            release.set()
+        held = slow.result(timeout=30)
+
+    # The trap: the late event sits *below* everything already published.
+    assert held.events[0].position < min(r.events[0].position for r in fast)
+    assert relay.drain() == 1
+    on_streams = published_event_ids(wiring.redis, wiring.keys, wiring.settings)
+    assert str(held.events[0].event_id) in on_streams
+    report = assert_published_exactly_once(
+        wiring.database_url, wiring.redis, wiring.keys, wiring.settings
+    )
+    assert report.events == 6
+
+
+def test_two_relays_and_publish_on_commit_passes_publish_each_event_once(
+    wiring: Wiring,
+) -> None:
+    """Two `Relay.run` loops (one active, one standby) plus the CLI's publish-right-after-
+    commit pass, which takes no leader lock, so passes really do overlap."""
+    settings = wiring.settings.model_copy(update={"relay_batch_size": 20})
+    local = threading.local()
+    connections: list[psycopg.Connection] = []
+
+    def publish_now(_: CommandResult) -> None:
+        conn = getattr(local, "conn", None)
+        if conn is None:
+            conn = local.conn = psycopg.connect(libpq_url(wiring.database_url), autocommit=True)
+            connections.append(conn)
+            local.relay = Relay(wiring.database_url, wiring.redis, settings)
+        local.relay.publish_batch(conn)
+
+    workload = Workload(
+        make_session_factory(wiring.engine), 2_500, seed=2, after_commit=publish_now
+    )
+    workload.prepare()
+    stops = [threading.Event(), threading.Event()]
+    relays = [Relay(wiring.database_url, wiring.redis, settings) for _ in stops]
+    threads = [
+        threading.Thread(target=r.run, args=(s,), daemon=True)
+        for r, s in zip(relays, stops, strict=True)
+    ]
+    for t in threads:
+        t.start()
+    try:
+        deadline = time.monotonic() + 60
+        with ThreadPoolExecutor(3) as pool:
+            for writer in [pool.submit(workload.writer, i, deadline) for i in range(3)]:
+                writer.result()
+        wait_until(
+            lambda: outbox_count(wiring.database_url) == 0,
+            timeout=30,
+            what="the relays to publish everything",
+        )
+    finally:
+        for s in stops:
+            s.set()
+        for t in threads:
+            t.join(timeout=10)
+        for conn in connections:
+            conn.close()
+    assert not any(t.is_alive() for t in threads), "a relay did not stop within 10 s"
+    assert sum(r.published for r in relays) > 0, "the relay loops published nothing"
+
+    report = assert_published_exactly_once(
+        wiring.database_url, wiring.redis, wiring.keys, wiring.settings
+    )
+    assert report.events == workload.events
+
+
+class PipelinePause:
+    """The real Redis client, except that a pipeline's `execute` (the relay's XADDs) first
+    reports that it was reached and then waits for `go`: it holds a relay pass between
+    selecting (and locking) its outbox rows and publishing them."""
+
+    def __init__(self, client: redis.Redis) -> None:
+        self.client = client
+        self.reached = threading.Event()
+        self.go = threading.Event()
+
+    def pipeline(self, transaction: bool = True) -> redis.client.Pipeline:
+        pipe = self.client.pipeline(transaction=transaction)
+        real_execute = pipe.execute
+
+        def execute(raise_on_error: bool = True) -> list:
+            self.reached.set()
+            assert self.go.wait(30), "the test never let the paused pass publish"
+            return real_execute(raise_on_error)
+
+        pipe.execute = execute  # type: ignore[method-assign]
+        return pipe
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.client, name)
+
+
+def _waiting_on_lock(database_url: str, pid: int) -> bool:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+    return bool(row) and row[0] == "Lock"
+
+
+def test_overlapping_pass_waits_for_the_rows_another_pass_holds(wiring: Wiring) -> None:
+    """Pass A has locked version 1 of a product and not yet published it; version 2 is
+    committed; pass B must queue behind A (not skip A's rows and publish version 2 first)."""
+    session_factory = make_session_factory(wiring.engine)
+    paused = PipelinePause(wiring.redis)
+    relay_a = Relay(wiring.database_url, paused, wiring.settings)  # type: ignore[arg-type]
+    relay_b = Relay(wiring.database_url, wiring.redis, wiring.settings)
+    created = execute(_create(1), session_factory)
+    with (
+        psycopg.connect(libpq_url(wiring.database_url), autocommit=True) as conn_a,
+        psycopg.connect(libpq_url(wiring.database_url), autocommit=True) as conn_b,
+        ThreadPoolExecutor(2) as pool,
+    ):
+        pass_a = pool.submit(relay_a.publish_batch, conn_a)
+        try:
+            assert paused.reached.wait(10), "pass A never reached its XADDs"
+            renamed = execute(
+                catalog.RenameProduct(product_id=created.id, name="Renamed"), session_factory
+            )
+            pid_b = conn_b.info.backend_pid
+            pass_b = pool.submit(relay_b.publish_batch, conn_b)
+            wait_until(
+                lambda: pass_b.done() or _waiting_on_lock(wiring.database_url, pid_b),
+                timeout=10,
+                what="pass B to block on pass A's rows (or to finish)",
+            )
+        finally:
+            paused.go.set()
+        assert pass_a.result(timeout=30) == 1
+        assert pass_b.result(timeout=30) == 1
+    entries = [
+        e.fields["event_id"] for e in read_streams(wiring.redis, wiring.keys, wiring.settings)
+    ]
+    assert entries == [str(created.events[0].event_id), str(renamed.events[0].event_id)]
+    assert_published_exactly_once(wiring.database_url, wiring.redis, wiring.keys, wiring.settings)
+
+
+# --- failover between relay processes -----------------------------------------------------
+
+
+def _start_relay(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "cqrs.cli", "relay"], env=env, stdout=out, stderr=out
+        )
+
+
+def _relay_backends(database_url: str) -> tuple[int | None, list[int]]:
+    """(pid of the backend holding the relay's leader lock, pids of backends whose last
+    statement was a leader-lock attempt), for this test's database only."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        holder = conn.execute(
+            "SELECT l.pid FROM pg_locks l JOIN pg_database d ON d.oid = l.database"
+            " WHERE l.locktype = 'advisory' AND l.granted AND d.datname = current_database()"
+        ).fetchone()
+        trying = conn.execute(
+            "SELECT pid FROM pg_stat_activity WHERE datname = current_database()"
+            " AND query LIKE '%%pg_try_advisory_lock%%' AND pid <> pg_backend_pid()"
+        ).fetchall()
+    return (holder[0] if holder else None), [r[0] for r in trying]
+
+
+def _standby_waiting(database_url: str) -> bool:
+    holder, trying = _relay_backends(database_url)
+    return holder is not None and any(pid != holder for pid in trying)
+
+
+def test_standby_relay_takes_over_when_the_active_one_is_killed(
+    wiring: Wiring, cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    env = {**cli_env, "CQRS_RELAY_BATCH_SIZE": "50"}
+    settings, keys, client = wiring.settings, wiring.keys, wiring.redis
+    logs = [tmp_path / "relay-a.log", tmp_path / "relay-b.log"]
+    procs: list[subprocess.Popen[bytes]] = []
+    workload = Workload(make_session_factory(wiring.engine), 3_000, seed=3)
+    workload.prepare(products=8, customers_=8)
+    try:
+        procs.append(_start_relay(env, logs[0]))
+        wait_until(lambda: "relay: active" in logs[0].read_text(), timeout=30, what="relay A")
+        first_holder, _ = _relay_backends(settings.database_url)
+        procs.append(_start_relay(env, logs[1]))
+        wait_until(
+            lambda: _standby_waiting(settings.database_url), timeout=30, what="relay B standby"
+        )
+        assert "relay: active" not in logs[1].read_text()
+
+        deadline = time.monotonic() + 60
+        with ThreadPoolExecutor(2) as pool:
+            writers = [pool.submit(workload.writer, i, deadline) for i in range(2)]
+            # Kill A while events are flowing through it.
+            wait_until(
+                lambda: stream_length(client, keys, settings) > 500,
+                timeout=30,
+                what="relay A to publish",
+            )
+            procs[0].kill()
+            procs[0].wait(timeout=10)
+            wait_until(
+                lambda: "relay: active" in logs[1].read_text(),
+                timeout=15,
+                what="relay B to take over",
+            )
+            for w in writers:
+                w.result()
+        # No drain: only relay B can empty the outbox now.
+        wait_until(
+            lambda: outbox_count(settings.database_url) == 0,
+            timeout=30,
+            what="relay B to publish everything",
+        )
+        holder, _ = _relay_backends(settings.database_url)
+        assert holder is not None and holder != first_holder
+        procs[1].terminate()
+        assert procs[1].wait(timeout=15) == 0, "SIGTERM should stop the relay cleanly"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
+
+    report = assert_published_exactly_once(settings.database_url, client, keys, settings)
+    assert report.events == workload.events
+
+
+# --- NOTIFY wake-up ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def slow_poll_settings(settings: Settings) -> Settings:
+    return settings.model_copy(update={"relay_poll_seconds": 30.0})
+
+
+def test_notify_wakes_the_relay_long_before_its_poll_interval(
+    wiring: Wiring, slow_poll_settings: Settings
+) -> None:
+    session_factory = make_session_factory(wiring.engine)
+    relay = Relay(wiring.database_url, wiring.redis, slow_poll_settings)
+    stop = threading.Event()
+    thread = threading.Thread(target=relay.run, args=(stop,), daemon=True)
+    thread.start()
+    latencies = []
+    try:
+        # The first event may be caught by the relay's initial pass; after it is on the
+        # stream the relay is idle in its 30 s wait, so only NOTIFY can explain the rest.
+        for n in range(4):
+            event_id = str(execute(_create(n), session_factory).events[0].event_id)
+            started = time.monotonic()
+            wait_until(
+                lambda e=event_id: (
+                    e in published_event_ids(wiring.redis, wiring.keys, slow_poll_settings)
+                ),
+                timeout=5,
+                what=f"event {n} on its stream (poll interval is 30 s)",
+            )
+            latencies.append(time.monotonic() - started)
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+    assert not thread.is_alive(), "the relay did not stop within 5 s of its stop flag"
+    assert relay.published == 4
+    print(f"\npublish latencies after commit: {[f'{x:.3f}s' for x in latencies]}")
