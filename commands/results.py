@@ -19,7 +19,10 @@ class CommandResult:
     def token(self) -> str:
         """Every aggregate version this command produced; queries can wait on it."""
         return encode_token(
-            [AggregateVersion(e.aggregate_type, e.aggregate_id, e.version) for e in self.events]
+            [
+                AggregateVersion(e.aggregate_type, e.aggregate_id, e.version, e.partition_key)
+                for e in self.events
+            ]
         )
 
     def as_json(self) -> dict[str, object]:

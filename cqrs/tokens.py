@@ -1,8 +1,9 @@
 """Consistency tokens: what a write printed, so a later query can wait for it.
 
-A token names the aggregate versions a command produced. A view reflects the write once
-each aggregate's view shows at least that version, which is exact (no clocks) and cheap
-to check. The encoding is opaque to users: URL-safe base64 of compact JSON.
+A token names the aggregate versions a command produced (with each event's partition
+key). A projection reflects the write once, for every aggregate, the version it recorded
+as applied is at least the token's: exact (no clocks) and one pipelined read to check.
+The encoding is opaque to users: URL-safe base64 of compact JSON.
 """
 
 from __future__ import annotations
@@ -25,10 +26,20 @@ class AggregateVersion:
     aggregate_type: str
     aggregate_id: UUID
     version: int
+    partition_key: UUID
 
 
 def encode_token(versions: list[AggregateVersion]) -> str:
-    body = [[v.aggregate_type[0], v.aggregate_id.hex, v.version] for v in sorted(set(versions))]
+    latest: dict[tuple[str, UUID], AggregateVersion] = {}
+    for v in versions:
+        key = (v.aggregate_type, v.aggregate_id)
+        if key not in latest or latest[key].version < v.version:
+            latest[key] = v
+    body = [
+        [v.aggregate_type[0], v.aggregate_id.hex, v.version]
+        + ([] if v.partition_key == v.aggregate_id else [v.partition_key.hex])
+        for v in sorted(latest.values())
+    ]
     raw = json.dumps(body, separators=(",", ":")).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
@@ -38,9 +49,14 @@ def decode_token(token: str) -> list[AggregateVersion]:
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)
-        return [
-            AggregateVersion(by_initial[kind], UUID(hex=agg_id), int(version))
-            for kind, agg_id, version in body
-        ]
-    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError):
+        versions = []
+        for item in body:
+            kind, agg_id, version, *rest = item
+            aggregate_id = UUID(hex=agg_id)
+            partition_key = UUID(hex=rest[0]) if rest else aggregate_id
+            versions.append(
+                AggregateVersion(by_initial[kind], aggregate_id, int(version), partition_key)
+            )
+        return versions
+    except (binascii.Error, ValueError, KeyError, TypeError, UnicodeDecodeError, IndexError):
         raise TokenError("invalid consistency token") from None

@@ -1,0 +1,24 @@
+"""Read side: typed queries served only from the Redis views, never from PostgreSQL.
+
+Other services use it as::
+
+    from queries import QueryService
+    service = QueryService.from_settings()          # CQRS_REDIS_URL, CQRS_NAMESPACE
+    product = service.get_product(product_id)
+"""
+
+from queries.errors import BadCursor, NotCaughtUp, NotFound
+from queries.models import CustomerView, OrderLineView, OrderView, Page, ProductView
+from queries.service import QueryService
+
+__all__ = [
+    "BadCursor",
+    "CustomerView",
+    "NotCaughtUp",
+    "NotFound",
+    "OrderLineView",
+    "OrderView",
+    "Page",
+    "ProductView",
+    "QueryService",
+]
