@@ -134,7 +134,9 @@ def product_reprice(
     )
 
 
-@product_app.command("restock")
+# Without ignore_unknown_options click reads a negative QTY ("-5") as short options and
+# fails with "No such option: -5", so removing stock would need "--" before it.
+@product_app.command("restock", context_settings={"ignore_unknown_options": True})
 def product_restock(
     product_id: str = typer.Argument(..., metavar="ID"),
     qty: int = typer.Argument(..., metavar="QTY", help="Units to add; negative removes."),
