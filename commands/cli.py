@@ -314,6 +314,19 @@ def run_command_(
         wiring.close()
 
 
+def demo_command() -> None:
+    """Seed a small shop, project it, and show the views (embedded servers by default)."""
+    from commands.demo import run_demo
+
+    wiring = Wiring(load_settings())
+    try:
+        run_demo(wiring)
+    except OperationalError as exc:
+        fail(f"cannot reach PostgreSQL: {exc.orig}")
+    finally:
+        wiring.close()
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(product_app, name="product")
     app.add_typer(customer_app, name="customer")
@@ -321,3 +334,4 @@ def register(app: typer.Typer) -> None:
     app.add_typer(db_app, name="db")
     app.command("relay")(relay_command)
     app.command("run")(run_command_)
+    app.command("demo")(demo_command)

@@ -1,0 +1,161 @@
+"""`cqrs demo`: the whole flow on the configured backend (embedded servers by default).
+
+Seeds a small shop through the real command handlers, relays and projects until the
+views are current (with a progress bar), then shows the views the way a service or a
+dashboard would read them, and finally renames a customer to show the denormalized order
+view following. Every run uses fresh ids and SKUs, so it is safe to run again.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import uuid
+
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.orm import sessionmaker
+
+from commands.catalog import CreateProduct
+from commands.customers import RegisterCustomer, RenameCustomer
+from commands.errors import CommandRejected
+from commands.handlers import execute
+from commands.orders import PlaceOrder
+from commands.relay import Relay
+from cqrs.console import out
+from cqrs.wiring import Wiring
+from projector.registry import PROJECTIONS
+from projector.worker import Worker
+from queries.cli import _orders_table, _product_table, render_customer, render_order
+from queries.service import QueryService
+
+PRODUCT_NAMES = [
+    "Espresso Beans",
+    "Oolong Tea",
+    "French Press",
+    "Milk Frother",
+    "Ceramic Mug",
+    "Travel Tumbler",
+    "Burr Grinder",
+    "Pour-over Kettle",
+    "Paper Filters",
+    "Cold Brew Jar",
+    "Matcha Whisk",
+    "Tea Infuser",
+    "Cocoa Powder",
+    "Vanilla Syrup",
+    "Digital Scale",
+    "Glass Carafe",
+    "Bamboo Tray",
+    "Latte Cups",
+    "Descaler",
+    "Knock Box",
+]
+CUSTOMER_NAMES = [
+    "Ada Lovelace",
+    "Grace Hopper",
+    "Alan Turing",
+    "Edsger Dijkstra",
+    "Barbara Liskov",
+]
+
+
+def seed(session_factory: sessionmaker, rng: random.Random) -> tuple[list, list, list, int]:
+    run_id = uuid.uuid4().hex[:6]
+    events = 0
+    products = []
+    for n, name in enumerate(PRODUCT_NAMES):
+        price = f"{rng.randint(150, 6000) / 100:.2f}"
+        result = execute(
+            CreateProduct(
+                sku=f"DEMO-{run_id}-{n:02d}", name=name, price=price, stock=rng.randint(20, 80)
+            ),
+            session_factory,
+        )
+        products.append(result.id)
+        events += len(result.events)
+    customers = []
+    for name in CUSTOMER_NAMES:
+        email = f"{name.split()[0].lower()}.{run_id}@example.com"
+        result = execute(RegisterCustomer(email=email, name=name), session_factory)
+        customers.append(result.id)
+        events += len(result.events)
+    orders = []
+    while len(orders) < 30:
+        lines = rng.sample(products, rng.randint(1, 4))
+        command = PlaceOrder(
+            customer_id=rng.choice(customers),
+            items=[{"product_id": p, "qty": rng.randint(1, 3)} for p in lines],
+        )
+        try:
+            result = execute(command, session_factory)
+        except CommandRejected:
+            continue  # out of stock: try another basket
+        orders.append((result.id, command.customer_id))
+        events += len(result.events)
+    return products, customers, orders, events
+
+
+def project_until_current(wiring: Wiring, expected_entries: int) -> None:
+    relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
+    worker = Worker(wiring.redis, wiring.settings, PROJECTIONS.values(), consumer="demo")
+    total = expected_entries * len(PROJECTIONS)
+    with Progress(
+        TextColumn("projecting"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=out,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("events", total=total)
+        relay.drain()
+        stop = threading.Event()
+        while True:
+            handled = worker.run_once(drain=True)
+            progress.update(task, completed=min(worker.stats.acked, total))
+            if not handled and worker.caught_up():
+                break
+            if not handled:
+                worker._wait_for_work(stop, 0.05)
+        progress.update(task, completed=total)
+    worker.release_all()
+
+
+def run_demo(wiring: Wiring) -> None:
+    from commands.cli import ensure_schema
+    from commands.db import make_session_factory
+
+    ensure_schema(wiring)
+    session_factory = make_session_factory(wiring.engine)
+    rng = random.Random()
+    out.rule("1. commands: seeding through the write services")
+    products, customers, orders, events = seed(session_factory, rng)
+    counts = f"{len(products)} products, {len(customers)} customers, {len(orders)} orders"
+    out.print(f"{counts}: {events} events committed")
+    out.rule("2. relay + projectors")
+    project_until_current(wiring, events)
+    queries = QueryService(wiring.redis, wiring.keys, partitions=wiring.settings.partitions)
+    out.rule("3. queries, served only from Redis")
+    product = queries.get_product(products[0])
+    out.print(_product_table([product], f"product {product.id}"))
+    catalog = queries.list_products(sort="price", limit=10)
+    out.print(_product_table(catalog.items, "catalog by price (first page)"))
+    order_id, customer_id = orders[0]
+    render_order(queries.get_order(order_id))
+    render_customer(queries.get_customer(customer_id))
+    out.print(
+        _orders_table(
+            queries.customer_orders(customer_id, limit=10).items, "their orders, newest first"
+        )
+    )
+    out.print(_product_table(queries.top_products(limit=5), "top products by units sold"))
+    out.rule("4. a customer renames; the order views follow")
+    before = queries.get_order(order_id).customer_name
+    renamed = execute(
+        RenameCustomer(customer_id=customer_id, name=f"{before} (renamed)"), session_factory
+    )
+    project_until_current(wiring, len(renamed.events))
+    queries.wait_for(renamed.token, timeout=10)
+    after = queries.get_order(order_id)
+    out.print(f"order {after.id}: customer_name {before!r} -> {after.customer_name!r}")
+    out.print("[green]demo done[/green]: try `cqrs query order ID`, `cqrs serve`, `cqrs verify`")
