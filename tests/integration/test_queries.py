@@ -1,0 +1,268 @@
+"""Query handlers and `cqrs query` against views built by the real projector."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import threading
+
+import pytest
+
+from commands.catalog import CreateProduct
+from commands.customers import RegisterCustomer
+from commands.orders import PlaceOrder
+from cqrs.settings import Settings
+from cqrs.wiring import Wiring
+from projector.registry import PROJECTIONS
+from projector.worker import Worker
+from queries import BadCursor, NotCaughtUp, NotFound, QueryService
+from tests.conftest import settings_env
+from tests.helpers import run_cli, run_cli_json
+from tests.integration.projector_support import drain, relay_all, run
+
+CLOSED_DB = "postgresql://nobody:sekret@127.0.0.1:1/none"
+
+
+@pytest.fixture
+def service(wiring: Wiring) -> QueryService:
+    return QueryService(wiring.redis, wiring.keys)
+
+
+def _shop(wiring: Wiring, n_products: int = 7) -> tuple[list, object, list]:
+    products = [
+        run(
+            wiring,
+            CreateProduct(sku=f"Q-{i}", name=f"Item {i:02d}", price=f"{10 - i}.00", stock=50),
+        ).id
+        for i in range(n_products)
+    ]
+    customer = run(wiring, RegisterCustomer(email="q@example.com", name="Quinn")).id
+    orders = [
+        run(
+            wiring,
+            PlaceOrder(customer_id=customer, items=[{"product_id": products[i], "qty": i + 1}]),
+        ).id
+        for i in range(3)
+    ]
+    drain(wiring)
+    return products, customer, orders
+
+
+def test_every_query_reads_the_views(wiring: Wiring, service: QueryService) -> None:
+    products, customer, orders = _shop(wiring)
+    product = service.get_product(products[0])
+    assert (product.name, str(product.price), product.stock, product.units_sold) == (
+        "Item 00",
+        "10.00",
+        49,
+        1,
+    )
+    c = service.get_customer(customer)
+    # Three orders: 1 x 10.00, 2 x 9.00, 3 x 8.00.
+    assert (c.name, c.order_count, str(c.lifetime_value)) == ("Quinn", 3, "52.00")
+    order = service.get_order(orders[2])
+    assert (order.customer_name, order.status, str(order.total)) == ("Quinn", "placed", "24.00")
+    assert [(line.name, str(line.unit_price), line.qty) for line in order.lines] == [
+        ("Item 02", "8.00", 3)
+    ]
+    newest_first = service.customer_orders(customer, limit=10).items
+    assert [o.id for o in newest_first] == list(reversed(orders))
+    top = service.top_products(limit=2)
+    assert [p.id for p in top] == [products[2], products[1]]
+    by_name = service.list_products(sort="name", limit=100).items
+    assert [p.name for p in by_name] == sorted(p.name for p in by_name)
+    by_price = service.list_products(sort="price", limit=100).items
+    assert [p.price for p in by_price] == sorted(p.price for p in by_price)
+    for missing in (
+        lambda: service.get_product("00000000-0000-0000-0000-000000000000"),
+        lambda: service.get_order("not-a-uuid"),
+        lambda: service.get_customer("00000000-0000-0000-0000-000000000000"),
+        lambda: service.customer_orders("00000000-0000-0000-0000-000000000000"),
+    ):
+        with pytest.raises(NotFound):
+            missing()
+    with pytest.raises(BadCursor):
+        service.list_products(cursor="bm90IG91cnM")
+
+
+@pytest.mark.parametrize("sort", ["name", "price"])
+def test_pages_survive_a_concurrent_insert(
+    wiring: Wiring, service: QueryService, sort: str
+) -> None:
+    _shop(wiring)
+    first = service.list_products(sort=sort, limit=3)
+    # A product that sorts before the cursor and one after it arrive between two pages.
+    run(wiring, CreateProduct(sku="Q-A", name="Aardvark", price="0.01", stock=1))
+    run(wiring, CreateProduct(sku="Q-Z", name="Zebra", price="99.00", stock=1))
+    drain(wiring)
+    seen = [p.id for p in first.items]
+    cursor = first.next_cursor
+    while cursor:
+        page = service.list_products(sort=sort, limit=3, cursor=cursor)
+        seen += [p.id for p in page.items]
+        cursor = page.next_cursor
+    names = [service.get_product(i).name for i in seen]
+    assert len(seen) == len(set(seen)), "an item was repeated across pages"
+    assert {f"Item {i:02d}" for i in range(7)} <= set(names), "an existing item was skipped"
+    assert "Zebra" in names and "Aardvark" not in names  # before the cursor: not revisited
+
+
+def test_customer_orders_paginate_newest_first(wiring: Wiring, service: QueryService) -> None:
+    _, customer, orders = _shop(wiring)
+    page1 = service.customer_orders(customer, limit=2)
+    assert [o.id for o in page1.items] == [orders[2], orders[1]]
+    page2 = service.customer_orders(customer, limit=2, cursor=page1.next_cursor)
+    assert [o.id for o in page2.items] == [orders[0]] and page2.next_cursor is None
+
+
+def test_queries_never_touch_postgresql(settings: Settings, wiring: Wiring) -> None:
+    products, customer, orders = _shop(wiring)
+    broken = Wiring(settings.model_copy(update={"database_url": CLOSED_DB}))
+    try:
+        service = QueryService(broken.redis, broken.keys)
+        assert service.get_product(products[0]).name == "Item 00"
+        assert service.get_order(orders[0]).customer_name == "Quinn"
+        assert service.customer_orders(customer).items
+        assert "engine" not in broken.__dict__  # no engine was ever built
+    finally:
+        broken.close()
+    env = settings_env(settings) | {"CQRS_DATABASE_URL": CLOSED_DB}
+    result = run_cli("query", "order", str(orders[0]), "--json", env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["customer_name"] == "Quinn"
+
+
+def test_cli_queries_print_json_with_view_field_names(settings: Settings, wiring: Wiring) -> None:
+    products, customer, orders = _shop(wiring)
+    env = settings_env(settings)
+    order = run_cli_json("query", "order", str(orders[1]), env=env)
+    assert order["lines"][0] == {
+        "product_id": str(products[1]),
+        "name": "Item 01",
+        "unit_price": "9.00",
+        "qty": 2,
+        "line_total": "18.00",
+    }
+    assert set(order) >= {"customer_name", "status", "total", "placed_at", "version"}
+    product = run_cli_json("query", "product", str(products[0]), env=env)
+    assert set(product) >= {"name", "stock", "units_sold", "revenue", "price", "sku"}
+    page = run_cli_json("query", "products", "--sort", "price", "--limit", "2", env=env)
+    assert len(page["items"]) == 2 and page["next_cursor"]
+    top = run_cli_json("query", "top-products", "--limit", "1", env=env)
+    assert top[0]["id"] == str(products[2])
+    assert run_cli_json("query", "customer", str(customer), env=env)["order_count"] == 3
+    assert len(run_cli_json("query", "customer-orders", str(customer), env=env)["items"]) == 3
+    missing = run_cli("query", "product", "00000000-0000-0000-0000-000000000000", env=env)
+    assert missing.returncode == 1
+    assert missing.stderr.strip() == "error: product 00000000-0000-0000-0000-000000000000 not found"
+    assert missing.stdout == ""
+    bad = run_cli("query", "products", "--sort", "size", env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("error:")
+
+
+def test_after_returns_at_once_when_caught_up(settings: Settings, wiring: Wiring) -> None:
+    env = settings_env(settings)
+    created = run_cli_json(
+        "product", "create", "--sku", "RYW-1", "--name", "Now", "--price", "1.00", env=env
+    )
+    drain(wiring)
+    result = run_cli(
+        "query",
+        "product",
+        created["id"],
+        "--after",
+        created["token"],
+        "--timeout",
+        "0.5",
+        "--json",
+        env=env,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["name"] == "Now"
+
+
+def test_after_waits_for_a_paused_projector_then_answers(
+    settings: Settings, wiring: Wiring
+) -> None:
+    env = settings_env(settings)
+    customer = run_cli_json(
+        "customer", "register", "--email", "w@example.com", "--name", "Wes", env=env
+    )
+    drain(wiring)
+    product = run_cli_json(
+        "product",
+        "create",
+        "--sku",
+        "RYW-2",
+        "--name",
+        "Later",
+        "--price",
+        "2.00",
+        "--stock",
+        "5",
+        env=env,
+    )
+    placed = run_cli_json(
+        "order", "place", "--customer", customer["id"], "--item", f"{product['id']}:2", env=env
+    )
+    relay_all(wiring)
+    service = QueryService(wiring.redis, wiring.keys)
+    assert service.behind(placed["token"]), "nothing should be projected yet"
+    waiter = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "cqrs.cli",
+            "query",
+            "order",
+            placed["id"],
+            "--after",
+            placed["token"],
+            "--timeout",
+            "30",
+            "--json",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        # The waiter is blocked while the projector is paused...
+        with pytest.raises(subprocess.TimeoutExpired):
+            waiter.wait(timeout=1.5)
+        assert service.behind(placed["token"])
+        # ...and answers once it is released.
+        worker = Worker(wiring.redis, wiring.settings, PROJECTIONS.values())
+        threading.Thread(
+            target=worker.run, args=(threading.Event(),), kwargs={"drain": True}
+        ).start()
+        stdout, stderr = waiter.communicate(timeout=30)
+    finally:
+        waiter.kill()
+    assert waiter.returncode == 0, stderr
+    order = json.loads(stdout)
+    assert order["id"] == placed["id"] and order["lines"][0]["qty"] == 2
+    # The same token now also covers the customer's counters and the product's sales.
+    assert service.get_customer(customer["id"]).order_count == 1
+    assert service.get_product(product["id"]).units_sold == 2
+
+
+def test_after_times_out_when_the_projector_stays_paused(
+    settings: Settings, wiring: Wiring
+) -> None:
+    env = settings_env(settings)
+    created = run_cli_json(
+        "product", "create", "--sku", "RYW-3", "--name", "Never", "--price", "3.00", env=env
+    )
+    result = run_cli(
+        "query", "product", created["id"], "--after", created["token"], "--timeout", "1", env=env
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: views did not reflect the write within 1s")
+    assert "lag" in result.stderr and len(result.stderr.strip().splitlines()) == 1
+    with pytest.raises(NotCaughtUp):
+        QueryService(wiring.redis, wiring.keys).wait_for(created["token"], timeout=0.2)
+    bad = run_cli("query", "product", created["id"], "--after", "garbage!", env=env)
+    assert bad.returncode == 2 and "invalid consistency token" in bad.stderr
