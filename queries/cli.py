@@ -216,5 +216,17 @@ def query_top_products(
     _emit(products, json_output, lambda ps: out.print(_product_table(ps, "top products")))
 
 
+def serve_command(
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
+    port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+) -> None:
+    """Serve the HTTP query API (read only, Redis only) with uvicorn."""
+    settings = load_settings()
+    from queries.http import serve  # FastAPI/uvicorn load only for this command
+
+    serve(settings, host=host, port=port)
+
+
 def register(app: typer.Typer) -> None:
     app.add_typer(query_app, name="query")
+    app.command("serve")(serve_command)

@@ -1,0 +1,406 @@
+"""The HTTP query API: the same views as `cqrs query`, as JSON over HTTP.
+
+Read only, Redis only: the app holds one QueryService (built in the lifespan from settings,
+never at import time) and nothing that could reach PostgreSQL, so it keeps answering while
+the write side is down.
+
+Conventions every endpoint keeps:
+- bodies are the pydantic views dumped in JSON mode (field names as in the views); lists
+  are `{"items": [...], "next_cursor": ...}`, top products `{"items": [...]}`;
+- errors are `{"error": <slug>, "detail": <one line>}`: 400 bad request (bad cursor, sort,
+  limit, token; FastAPI's 422 validation errors are turned into 400 too), 404 not found,
+  503 Redis unreachable, 504 read-your-writes gave up;
+- `?after=TOKEN[&timeout=s]` waits until the views reflect the write that printed TOKEN;
+- `ETag` + `Cache-Control: no-cache` on every read, `If-None-Match` answered with 304.
+
+The query service is synchronous (redis-py), so every path function and dependency is a
+plain `def`: FastAPI runs them in its threadpool and the event loop never blocks, not
+even while `?after=` waits up to 30 s. The QueryService is shared by those threads: its
+Redis client is a thread-safe pool and its only state is a cache of live generations.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from http import HTTPStatus
+from importlib.metadata import PackageNotFoundError, version
+from typing import Any, Literal
+
+import redis
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.encoders import jsonable_encoder
+from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
+from fastapi.responses import JSONResponse, Response
+from pydantic import BaseModel, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from cqrs.settings import Settings
+from cqrs.tokens import TokenError
+from cqrs.urls import mask_url
+from queries.errors import BadCursor, NotCaughtUp, NotFound
+from queries.models import CustomerView, OrderView, Page, ProductView
+from queries.service import MAX_LIMIT, QueryService
+
+TITLE = "cqrs-projector query API"
+MAX_WAIT_SECONDS = 30.0
+
+ServiceFactory = Callable[[], QueryService]
+
+
+# --- response shapes that are not views ------------------------------------------------
+
+
+class ErrorBody(BaseModel):
+    error: str = Field(description="not_found, bad_request, unavailable, not_caught_up, ...")
+    detail: str = Field(description="one line for a person")
+
+
+class ProductList(BaseModel):
+    items: list[ProductView]
+
+
+class ProjectionHealth(BaseModel):
+    lag: int = Field(description="stream entries not yet delivered to the projection")
+    pending: int = Field(description="entries delivered but not yet acknowledged")
+
+
+class Health(BaseModel):
+    # "rebuilding" joins these when view rebuilds report their progress (see health()).
+    status: Literal["ok", "unavailable"]
+    redis: str
+    projections: dict[str, ProjectionHealth] = Field(default_factory=dict)
+
+
+# --- bodies, ETags, errors -------------------------------------------------------------
+
+
+def _json_bytes(payload: Any) -> bytes:
+    return json.dumps(payload, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def _etag_matches(if_none_match: str | None, etag: str) -> bool:
+    """Weak comparison (RFC 9110 13.1.2): `W/` prefixes are ignored, `*` matches."""
+    if not if_none_match:
+        return False
+    if if_none_match.strip() == "*":
+        return True
+    opaque = etag.removeprefix("W/")
+    return any(tag.strip().removeprefix("W/") == opaque for tag in if_none_match.split(","))
+
+
+def view_response(request: Request, payload: Any) -> Response:
+    """The JSON body with an ETag, or 304 when the client already holds that body.
+
+    The ETag is a hash of the body, not `<generation>-<version>` of the view: a view's
+    `version` is its own aggregate's version, yet other aggregates' events change it too
+    (an order's `customer_name` on a customer rename, a customer's `order_count` and
+    `lifetime_value` on order events), and a version-based tag would answer 304 with
+    stale data. Hashing the few hundred bytes we send anyway is exact and cheap.
+    """
+    body = _json_bytes(payload)
+    etag = f'W/"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
+    headers = {"ETag": etag, "Cache-Control": "no-cache"}
+    if _etag_matches(request.headers.get("if-none-match"), etag):
+        return Response(status_code=304, headers=headers)
+    return Response(body, media_type="application/json", headers=headers)
+
+
+def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> Response:
+    body = _json_bytes({"error": error, "detail": " ".join(mask_url(detail).split())})
+    return Response(body, status_code=status, media_type="application/json", headers=headers)
+
+
+def _validation_detail(exc: RequestValidationError) -> str:
+    problems = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err.get("loc", ()) if p not in ("query", "path"))
+        problems.append(f"{where or 'request'}: {err.get('msg', 'invalid')}")
+    return "invalid " + "; ".join(problems)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(NotFound)
+    async def not_found(_request: Request, exc: NotFound) -> Response:
+        return _error(404, "not_found", str(exc))
+
+    @app.exception_handler(BadCursor)
+    async def bad_cursor(_request: Request, exc: BadCursor) -> Response:
+        return _error(400, "bad_request", str(exc))
+
+    @app.exception_handler(TokenError)
+    async def bad_token(_request: Request, exc: TokenError) -> Response:
+        return _error(400, "bad_request", str(exc))
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_request: Request, exc: RequestValidationError) -> Response:
+        return _error(400, "bad_request", _validation_detail(exc))
+
+    @app.exception_handler(NotCaughtUp)
+    async def not_caught_up(_request: Request, exc: NotCaughtUp) -> Response:
+        return _error(504, "not_caught_up", str(exc))
+
+    @app.exception_handler(redis.ConnectionError)
+    @app.exception_handler(redis.TimeoutError)
+    async def redis_down(_request: Request, exc: redis.RedisError) -> Response:
+        return _error(503, "unavailable", f"redis unreachable: {exc}")
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, exc: StarletteHTTPException) -> Response:
+        try:
+            slug = HTTPStatus(exc.status_code).phrase.lower().replace(" ", "_").replace("-", "_")
+        except ValueError:
+            slug = "error"
+        return _error(exc.status_code, slug, str(exc.detail), dict(exc.headers or {}))
+
+
+# --- dependencies ----------------------------------------------------------------------
+
+
+def query_service(request: Request) -> QueryService:
+    return request.app.state.query_service
+
+
+def caught_up_service(
+    request: Request,
+    after: str | None = Query(
+        None, description="A write's consistency token: answer only once the views show it."
+    ),
+    timeout: float = Query(
+        5.0, ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for `after` (504 after)."
+    ),
+) -> QueryService:
+    """Read-your-writes: block (in the threadpool) until the token's write is projected."""
+    service = query_service(request)
+    if after:
+        service.wait_for(after, timeout=timeout)
+    return service
+
+
+Service = Depends(caught_up_service)
+
+_CACHE_HEADERS = {
+    "ETag": {"description": "weak tag of this body", "schema": {"type": "string"}},
+    "Cache-Control": {"description": "no-cache: revalidate", "schema": {"type": "string"}},
+}
+_READ_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"headers": _CACHE_HEADERS},
+    304: {"description": "Not Modified: If-None-Match matched the current ETag"},
+    400: {"model": ErrorBody, "description": "bad parameter, cursor or token"},
+    503: {"model": ErrorBody, "description": "Redis unreachable"},
+    504: {"model": ErrorBody, "description": "the views did not reach `after` in time"},
+}
+_ONE_RESPONSES = {**_READ_RESPONSES, 404: {"model": ErrorBody, "description": "no such view"}}
+
+
+# --- health ----------------------------------------------------------------------------
+
+
+def health(service: QueryService) -> tuple[int, Health]:
+    """Redis reachable and, per projection, how far behind the streams it is."""
+    try:
+        service.redis.ping()
+        lags = service.lag()
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return 503, Health(status="unavailable", redis=mask_url(f"unreachable: {exc}"))
+    status: Literal["ok", "unavailable"] = "ok"
+    # Rebuild status goes here: a projection whose new generation is being built reports
+    # status "rebuilding" (still 200: the live generation keeps serving) and its progress
+    # beside its lag in `projections`.
+    return 200, Health(
+        status=status,
+        redis="ok",
+        projections={name: ProjectionHealth(**numbers) for name, numbers in lags.items()},
+    )
+
+
+# --- the app ---------------------------------------------------------------------------
+
+
+def _package_version() -> str:
+    try:
+        return version("cqrs-projector")
+    except PackageNotFoundError:
+        return "0.0.0"
+
+
+def _settings_service_factory(settings: Settings | None) -> tuple[ServiceFactory, list[Any]]:
+    """A factory building the service on a Wiring (Redis only: `engine` is never asked
+    for); the wiring is remembered so the lifespan can close it."""
+    wirings: list[Any] = []
+
+    def build() -> QueryService:
+        from cqrs.wiring import Wiring
+
+        wiring = Wiring(settings)  # Settings() read here, at startup, not at import
+        wirings.append(wiring)
+        return QueryService(wiring.redis, wiring.keys, partitions=wiring.settings.partitions)
+
+    return build, wirings
+
+
+def create_app(
+    settings: Settings | None = None, *, service_factory: ServiceFactory | None = None
+) -> FastAPI:
+    """The ASGI app. `service_factory` (for embedding or tests) replaces building the
+    QueryService from `settings`; either way it is built at startup and its Redis client
+    closed at shutdown."""
+    wirings: list[Any] = []
+    if service_factory is None:
+        service_factory, wirings = _settings_service_factory(settings)
+    factory = service_factory
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.query_service = factory()
+        try:
+            yield
+        finally:
+            if wirings:
+                for wiring in wirings:
+                    wiring.close()
+            else:
+                app.state.query_service.redis.close()
+
+    app = FastAPI(
+        title=TITLE,
+        version=_package_version(),
+        description=(
+            "Read-only views of products, customers and orders, served from Redis (never "
+            "PostgreSQL). Every read accepts `after` (a write's consistency token) to read "
+            "your own writes, and answers `If-None-Match` with 304."
+        ),
+        lifespan=lifespan,
+    )
+    _install_error_handlers(app)
+    _install_routes(app)
+    _install_openapi(app)
+    return app
+
+
+def _install_routes(app: FastAPI) -> None:
+    @app.get(
+        "/products/{product_id}",
+        response_model=ProductView,
+        responses=_ONE_RESPONSES,
+        tags=["products"],
+    )
+    def get_product(product_id: str, request: Request, service: QueryService = Service) -> Any:
+        """One product: name, price, stock, units sold, revenue."""
+        return view_response(request, service.get_product(product_id).model_dump(mode="json"))
+
+    @app.get(
+        "/products",
+        response_model=Page[ProductView],
+        responses=_READ_RESPONSES,
+        tags=["products"],
+    )
+    def list_products(
+        request: Request,
+        sort: Literal["name", "price"] = Query("name", description="name or price"),
+        limit: int = Query(20, ge=1, le=MAX_LIMIT),
+        cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
+        service: QueryService = Service,
+    ) -> Any:
+        """The catalog a page at a time; a cursor continues after the last item shown,
+        so products added meanwhile never repeat or push others out of the next page."""
+        page = service.list_products(sort=sort, limit=limit, cursor=cursor)
+        return view_response(request, page.model_dump(mode="json"))
+
+    @app.get(
+        "/customers/{customer_id}",
+        response_model=CustomerView,
+        responses=_ONE_RESPONSES,
+        tags=["customers"],
+    )
+    def get_customer(customer_id: str, request: Request, service: QueryService = Service) -> Any:
+        """One customer with order count and lifetime value."""
+        return view_response(request, service.get_customer(customer_id).model_dump(mode="json"))
+
+    @app.get(
+        "/customers/{customer_id}/orders",
+        response_model=Page[OrderView],
+        responses=_ONE_RESPONSES,
+        tags=["customers", "orders"],
+    )
+    def customer_orders(
+        customer_id: str,
+        request: Request,
+        limit: int = Query(20, ge=1, le=MAX_LIMIT),
+        cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
+        service: QueryService = Service,
+    ) -> Any:
+        """A customer's orders, newest first, a page at a time."""
+        page = service.customer_orders(customer_id, limit=limit, cursor=cursor)
+        return view_response(request, page.model_dump(mode="json"))
+
+    @app.get(
+        "/orders/{order_id}",
+        response_model=OrderView,
+        responses=_ONE_RESPONSES,
+        tags=["orders"],
+    )
+    def get_order(order_id: str, request: Request, service: QueryService = Service) -> Any:
+        """One order, denormalized: customer name, lines as placed, status, total."""
+        return view_response(request, service.get_order(order_id).model_dump(mode="json"))
+
+    @app.get(
+        "/stats/top-products",
+        response_model=ProductList,
+        responses=_READ_RESPONSES,
+        tags=["products"],
+    )
+    def top_products(
+        request: Request,
+        limit: int = Query(10, ge=1, le=MAX_LIMIT),
+        service: QueryService = Service,
+    ) -> Any:
+        """Best sellers by units sold (cancelled orders do not count)."""
+        products = service.top_products(limit=limit)
+        return view_response(request, {"items": [p.model_dump(mode="json") for p in products]})
+
+    @app.get(
+        "/healthz",
+        response_model=Health,
+        responses={503: {"model": Health, "description": "Redis unreachable"}},
+        tags=["health"],
+    )
+    def healthz(service: QueryService = Depends(query_service)) -> Any:
+        """200 when Redis answers, with each projection's lag; 503 when it does not."""
+        status, report = health(service)
+        return JSONResponse(
+            jsonable_encoder(report), status_code=status, headers={"Cache-Control": "no-store"}
+        )
+
+
+def _install_openapi(app: FastAPI) -> None:
+    """FastAPI documents 422 for every parameterised route; we answer 400 instead."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            for path in schema.get("paths", {}).values():
+                for operation in path.values():
+                    operation.get("responses", {}).pop("422", None)
+            schemas = schema.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
+def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
+    """Run the API with uvicorn (its default logging); SIGTERM/SIGINT stop it cleanly."""
+    import uvicorn
+
+    uvicorn.run(create_app(settings), host=host, port=port)
