@@ -9,6 +9,7 @@ from collections.abc import Iterable
 from commands.db import make_session_factory
 from commands.handlers import execute
 from commands.relay import Relay
+from commands.results import CommandResult
 from cqrs.wiring import Wiring
 from projector.projection import Projection
 from projector.registry import PROJECTIONS
@@ -16,7 +17,7 @@ from projector.verify import verify
 from projector.worker import Worker, current_generation
 
 
-def run(wiring: Wiring, command: object):  # noqa: ANN201 - CommandResult
+def run(wiring: Wiring, command: object) -> CommandResult:
     return execute(command, make_session_factory(wiring.engine))
 
 

@@ -6,17 +6,19 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 
 from commands.catalog import CreateProduct, RenameProduct
 from cqrs.events import EventEnvelope
-from cqrs.keys import partition_of
+from cqrs.keys import ViewKeys, partition_of
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from projector.deadletters import list_dead_letters
 from projector.projection import Projection
 from projector.registry import PROJECTIONS
+from projector.steps import Step
 from tests.conftest import settings_env
 from tests.helpers import run_cli, run_cli_json
 from tests.integration.projector_support import differences, drain, relay_all, run
@@ -100,7 +102,7 @@ def test_handler_exception_is_dead_lettered_then_retried_once_fixed(
     real = PROJECTIONS["products"]
     boom = {"armed": True}
 
-    def exploding(event, payload, views):  # noqa: ANN001, ANN202
+    def exploding(event: EventEnvelope, payload: Any, views: ViewKeys) -> list[Step]:
         if boom["armed"] and payload.name == "Boom":
             raise RuntimeError("handler bug")
         return real.handlers["ProductCreated"](event, payload, views)
