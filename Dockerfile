@@ -1,0 +1,31 @@
+# One image for every project service (relay, projector, query API, migrations):
+# the service is the `cqrs` subcommand given as the container command (see compose.yaml).
+FROM python:3.12-slim
+
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+WORKDIR /src
+# Metadata first so the dependency layer is cached while only code changes.
+COPY pyproject.toml README.md ./
+COPY cqrs ./cqrs
+COPY commands ./commands
+COPY projector ./projector
+COPY queries ./queries
+COPY bench ./bench
+RUN pip install . && rm -rf /src
+
+# Never run as root. The embedded servers are not used in containers (the URLs are set),
+# but CQRS_HOME must still point somewhere this user can write.
+RUN useradd --create-home --uid 10001 --shell /usr/sbin/nologin cqrs
+USER cqrs
+WORKDIR /home/cqrs
+ENV CQRS_HOME=/home/cqrs/.cqrs
+
+EXPOSE 8000
+# Python is PID 1 and installs its own SIGTERM handler, so `docker stop` stops the relay
+# and projector gracefully (the batch in hand is finished and acknowledged).
+ENTRYPOINT ["cqrs"]
+CMD ["--help"]
