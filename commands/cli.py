@@ -296,7 +296,9 @@ def run_command_(
     try:
         ensure_schema(wiring)
         relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
-        worker = Worker(wiring.redis, wiring.settings, PROJECTIONS.values())
+        worker = Worker(
+            wiring.redis, wiring.settings, PROJECTIONS.values(), database_url=wiring.database_url
+        )
         if drain:
             # Relay, project to the end, and go round again if writers added more meanwhile.
             while relay.drain() or not worker.caught_up():

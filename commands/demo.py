@@ -97,7 +97,13 @@ def seed(session_factory: sessionmaker, rng: random.Random) -> tuple[list, list,
 
 def project_until_current(wiring: Wiring, expected_entries: int) -> None:
     relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
-    worker = Worker(wiring.redis, wiring.settings, PROJECTIONS.values(), consumer="demo")
+    worker = Worker(
+        wiring.redis,
+        wiring.settings,
+        PROJECTIONS.values(),
+        consumer="demo",
+        database_url=wiring.database_url,
+    )
     total = expected_entries * len(PROJECTIONS)
     with Progress(
         TextColumn("projecting"),
@@ -111,6 +117,8 @@ def project_until_current(wiring: Wiring, expected_entries: int) -> None:
         relay.drain()
         stop = threading.Event()
         while True:
+            if worker.needs_build:
+                worker.build_missing(stop)
             handled = worker.run_once(drain=True)
             progress.update(task, completed=min(worker.stats.acked, total))
             if not handled and worker.caught_up():

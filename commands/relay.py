@@ -25,7 +25,6 @@ version, and projections drop them (they apply version n only once).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import threading
 import time
@@ -36,7 +35,7 @@ import psycopg
 import redis
 
 from commands.uow import NOTIFY_CHANNEL
-from cqrs.events import EventEnvelope
+from cqrs.eventlog import LOG_COLUMNS, envelope_from_row
 from cqrs.keys import KeyMap, partition_of
 from cqrs.settings import Settings
 from cqrs.streams import parse_entry_id, stream_partitions
@@ -46,33 +45,13 @@ log = logging.getLogger(__name__)
 
 _RELAY_LOCK = 0x637172735F72656C
 
-_SELECT_BATCH = """
-    SELECT e.position, e.event_id, e.aggregate_type, e.aggregate_id, e.aggregate_version,
-           e.partition_key, e.event_type, e.schema_version, e.payload, e.occurred_at
+_SELECT_BATCH = f"""
+    SELECT {", ".join("e." + c.strip() for c in LOG_COLUMNS.split(","))}
     FROM events.outbox o JOIN events.event_log e ON e.position = o.position
     ORDER BY o.position
     LIMIT %s
     FOR UPDATE OF o
 """
-
-
-def envelope_from_row(row: tuple) -> EventEnvelope:
-    """Rebuild an envelope from an event_log row (also used by rebuild-from-log)."""
-    position, event_id, agg_type, agg_id, version, pkey, etype, schema, payload, occurred = row
-    if isinstance(payload, str):
-        payload = json.loads(payload)
-    return EventEnvelope(
-        event_id=event_id,
-        event_type=etype,
-        schema_version=schema,
-        aggregate_type=agg_type,
-        aggregate_id=agg_id,
-        version=version,
-        partition_key=pkey,
-        position=position,
-        occurred_at=occurred,
-        payload=payload,
-    )
 
 
 class Relay:
@@ -115,10 +94,22 @@ class Relay:
         self.published += len(rows)
         return len(rows)
 
+    def mark_origin(self, conn: psycopg.Connection) -> None:
+        """Record once whether the streams start at the beginning of history (nothing was
+        published before them). Replays read the streams alone only then; after Redis
+        lost its data the mark is gone, and replays fall back to the log."""
+        if self.redis.hexists(self.keys.meta(), "origin"):
+            return
+        published = conn.execute(
+            "SELECT (SELECT count(*) FROM events.event_log) - (SELECT count(*) FROM events.outbox)"
+        ).fetchone()[0]
+        self.redis.hsetnx(self.keys.meta(), "origin", "complete" if published == 0 else "partial")
+
     def drain(self) -> int:
         """Publish everything visible now (used by `cqrs run --drain` and tests)."""
         total = 0
         with self._connect() as conn:
+            self.mark_origin(conn)
             while n := self.publish_batch(conn):
                 total += n
         self.trim_streams(force=True)
@@ -191,6 +182,7 @@ class Relay:
         else:
             return
         log.info("relay: active")
+        self.mark_origin(conn)
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         while not stop.is_set():
             n = self.publish_batch(conn)

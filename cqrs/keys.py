@@ -52,7 +52,26 @@ class KeyMap:
         return f"{self.ns}:workers:{projection}"
 
     def generation(self, projection: str) -> str:
+        """The live generation number (queries read it with every view)."""
         return f"{self.ns}:gen:{projection}"
+
+    def projection_state(self, projection: str) -> str:
+        """Hash: generation and projection version of the live views; missing = no views."""
+        return f"{self.ns}:state:{projection}"
+
+    def generation_counter(self, projection: str) -> str:
+        return f"{self.ns}:gen-next:{projection}"
+
+    def replay_lock(self, projection: str) -> str:
+        return f"{self.ns}:replay:{projection}"
+
+    def pause(self, projection: str) -> str:
+        """Set while a replay switches generations: live workers leave the projection."""
+        return f"{self.ns}:pause:{projection}"
+
+    def projection_pattern(self, projection: str) -> str:
+        """Every view key of every generation of a projection."""
+        return f"{self.ns}:{projection}:g*"
 
     def applied_channel(self) -> str:
         """Pub/sub channel the projector publishes to after each batch (wakes waiters)."""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import typer
 
@@ -19,8 +20,9 @@ from projector.deadletters import (
 )
 from projector.projection import Projection
 from projector.registry import PROJECTIONS
+from projector.state import live_generation
 from projector.verify import verify
-from projector.worker import Worker, current_generation
+from projector.worker import Worker
 
 dlq_app = typer.Typer(
     help="Dead letters: events a projection could not apply.", no_args_is_help=True
@@ -36,8 +38,8 @@ def select_projections(names: list[str] | None) -> list[Projection]:
     return [PROJECTIONS[n] for n in names]
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s %(message)s")
+def configure_logging(level: int = logging.INFO) -> None:
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s %(message)s")
 
 
 def project_command(
@@ -54,7 +56,13 @@ def project_command(
     stop = threading.Event()
     install_stop_handlers(stop)
     try:
-        worker = Worker(wiring.redis, wiring.settings, projections, consumer=consumer)
+        worker = Worker(
+            wiring.redis,
+            wiring.settings,
+            projections,
+            consumer=consumer,
+            database_url=wiring.database_url,
+        )
         worker.run(stop, drain=drain)
     finally:
         wiring.close()
@@ -68,7 +76,7 @@ def verify_command(
     wiring = Wiring(load_settings())
     try:
         generations = {
-            name: current_generation(wiring.redis, wiring.keys, name) for name in PROJECTIONS
+            name: live_generation(wiring.redis, wiring.keys, name) for name in PROJECTIONS
         }
         diffs = verify(wiring.database_url, wiring.redis, wiring.keys, generations)
     finally:
@@ -200,7 +208,93 @@ def dlq_drop(
         out.print(f"dropped {dropped} dead letter(s)")
 
 
+def replay_command(
+    projections: list[str] = typer.Argument(None, metavar="[PROJECTION]..."),
+    all_: bool = typer.Option(False, "--all", help="Replay every projection."),
+    source: str = typer.Option("auto", "--from", help="auto, stream or log."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+) -> None:
+    """Rebuild views from history into a new generation while the current one keeps
+    serving, then switch atomically (see docs/operations.md)."""
+    import sys
+
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from projector.replay import Replayer, ReplayError, ReplayInterrupted
+
+    if source not in ("auto", "stream", "log"):
+        fail(f"invalid --from {source!r}: use auto, stream or log", EXIT_USAGE)
+    if all_ == bool(projections):
+        fail("name projections to replay, or pass --all (not both)", EXIT_USAGE)
+    chosen = select_projections(None if all_ else projections)
+    if not yes:
+        if not sys.stdin.isatty():
+            fail("replay rebuilds views; pass --yes to run it non-interactively", EXIT_USAGE)
+        names = ", ".join(p.name for p in chosen)
+        if not typer.confirm(f"Rebuild {names} from history?"):
+            raise typer.Exit(1)
+    configure_logging(logging.WARNING)
+    wiring = Wiring(load_settings())
+    stop = threading.Event()
+    install_stop_handlers(stop)
+    summaries = []
+    try:
+        for projection in chosen:
+            replayer = Replayer(wiring.redis, wiring.settings, projection, wiring.database_url)
+            show = out.is_terminal and not json_output
+            with Progress(
+                TextColumn(f"{projection.name}"),
+                BarColumn(),
+                MofNCompleteColumn(),
+                TaskProgressColumn(),
+                TextColumn("{task.fields[rate]} ev/s"),
+                TimeElapsedColumn(),
+                TimeRemainingColumn(),
+                console=out,
+                disable=not show,
+            ) as progress:
+                task = progress.add_task(projection.name, total=None, rate="-")
+                started = time.monotonic()
+
+                def report(
+                    done: int, total: int, task: int = task, started: float = started
+                ) -> None:
+                    rate = done / max(time.monotonic() - started, 1e-6)
+                    progress.update(task, completed=done, total=total or None, rate=f"{rate:,.0f}")
+
+                try:
+                    result = replayer.run(source, progress=report, stop=stop)
+                except ReplayInterrupted:
+                    fail(
+                        f"replay of {projection.name} interrupted; the live views are untouched",
+                        130,
+                    )
+                except ReplayError as exc:
+                    fail(str(exc))
+            summaries.append(result.as_json())
+            if not json_output:
+                out.print(
+                    f"{projection.name}: {result.events} events from the {result.source} in "
+                    f"{result.seconds:.1f}s ({result.events_per_second:,.0f}/s), "
+                    f"generation {result.old_generation} -> {result.new_generation}"
+                )
+    finally:
+        wiring.close()
+    if json_output:
+        print_json(summaries[0] if len(summaries) == 1 else {"replays": summaries})
+
+
 def register(app: typer.Typer) -> None:
     app.command("project")(project_command)
     app.command("verify")(verify_command)
+    app.command("replay")(replay_command)
     app.add_typer(dlq_app, name="dlq")

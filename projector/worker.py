@@ -31,6 +31,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+import psycopg
 import redis
 
 from cqrs.events import PAYLOAD_TYPES, EventEnvelope, EventError
@@ -40,17 +41,13 @@ from cqrs.streams import parse_entry_id, stream_partitions
 from projector.deadletters import DeadLetter, dead_letter_fields
 from projector.projection import Projection
 from projector.scripts import Scripts
+from projector.state import live_generation
 from projector.steps import Step, run_steps
 
 log = logging.getLogger(__name__)
 
 RETRY_IDLE_MS = 200
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
-
-
-def current_generation(client: redis.Redis, keys: KeyMap, projection: str) -> int:
-    client.setnx(keys.generation(projection), 1)
-    return int(client.get(keys.generation(projection)) or 1)
 
 
 @dataclass
@@ -89,8 +86,14 @@ class Worker:
         settings: Settings,
         projections: Iterable[Projection],
         consumer: str | None = None,
+        *,
+        database_url: str | None = None,
     ) -> None:
         self.redis = client
+        self.database_url = database_url
+        self.active: set[str] = set()
+        self.needs_build: set[str] = set()
+        self.rebuilding: set[str] = set()
         self.settings = settings
         self.keys = KeyMap(settings.namespace)
         self.scripts = Scripts(client)
@@ -108,7 +111,13 @@ class Worker:
     # --- leases ------------------------------------------------------------------------
 
     def _all_slots(self) -> list[tuple[Projection, int]]:
-        return [(p, n) for p in self.projections for n in range(self.partitions)]
+        """Slots of the projections live workers may touch now."""
+        return [
+            (p, n)
+            for p in self.projections
+            if p.name in self.active
+            for n in range(self.partitions)
+        ]
 
     def _fair_share(self, drain: bool) -> int:
         total = len(self._all_slots())
@@ -123,8 +132,40 @@ class Worker:
             )
         return math.ceil(total / max(alive, 1))
 
+    def refresh_status(self) -> None:
+        """Which projections live workers may touch right now (one round trip per batch):
+        a projection with no valid views must first be built, and a paused one is being
+        switched to a new generation by a replay. Slots of those are given back at once."""
+        pipe = self.redis.pipeline(transaction=False)
+        for projection in self.projections:
+            pipe.hgetall(self.keys.projection_state(projection.name))
+            pipe.exists(self.keys.pause(projection.name))
+            pipe.exists(self.keys.replay_lock(projection.name))
+        results = pipe.execute()
+        self.active.clear()
+        self.needs_build.clear()
+        self.rebuilding.clear()
+        for i, projection in enumerate(self.projections):
+            state, paused, replaying = results[3 * i : 3 * i + 3]
+            name = projection.name
+            valid = (
+                bool(state.get("generation")) and int(state.get("version", 0)) == projection.version
+            )
+            if replaying:
+                self.rebuilding.add(name)
+            if not valid:
+                self.needs_build.add(name)
+            elif not paused:
+                self.active.add(name)
+                self.views[name] = self.keys.views(name, int(state["generation"]))
+        for key, slot in list(self.owned.items()):
+            if slot.projection.name not in self.active:
+                self._release(slot)
+                del self.owned[key]
+
     def maintain(self, *, drain: bool = False, force: bool = False) -> None:
         """Heartbeat, renew held leases, take free slots up to a fair share, give back extras."""
+        self.refresh_status()
         lease_ms = self.settings.projector_lease_ms
         if not force and (time.monotonic() - self._last_maintenance) * 1000 < lease_ms / 3:
             return
@@ -159,10 +200,40 @@ class Worker:
             key, slot = next(reversed(self.owned.items()))
             self._release(slot)
             del self.owned[key]
+
+    def build_missing(self, stop: threading.Event) -> bool:
+        """Build, from history, every projection of ours that has no valid views (new,
+        version bumped, or Redis lost its data) and that nobody else is building.
+        Returns True when a build ran."""
+        from projector.replay import Replayer, ReplayError
+
+        ran = False
         for projection in self.projections:
-            self.views[projection.name] = self.keys.views(
-                projection.name, current_generation(self.redis, self.keys, projection.name)
-            )
+            name = projection.name
+            if name not in self.needs_build or name in self.rebuilding or stop.is_set():
+                continue
+            if self.database_url is None:
+                log.error("%s has no views and no database is configured to build them", name)
+                continue
+            try:
+                result = Replayer(self.redis, self.settings, projection, self.database_url).run(
+                    "auto", stop=stop
+                )
+                log.info(
+                    "built %s from the %s: %d events in %.1fs",
+                    name,
+                    result.source,
+                    result.events,
+                    result.seconds,
+                )
+                ran = True
+            except ReplayError as exc:
+                log.warning("could not build %s now: %s", name, exc)
+            except psycopg.OperationalError as exc:
+                log.warning("could not build %s now (PostgreSQL): %s", name, exc)
+        if ran:
+            self.refresh_status()
+        return ran
 
     def _take(self, projection: Projection, partition: int, lease: str) -> None:
         stream = self.keys.stream(partition)
@@ -317,9 +388,8 @@ class Worker:
     def reapply(self, projection: Projection, letters: list[DeadLetter]) -> list[str | None]:
         """Apply dead letters again, oldest first, in one batch; the error per letter (None
         when it applied or was already applied)."""
-        self.views[projection.name] = self.keys.views(
-            projection.name, current_generation(self.redis, self.keys, projection.name)
-        )
+        generation = live_generation(self.redis, self.keys, projection.name)
+        self.views[projection.name] = self.keys.views(projection.name, generation)
         per_event: list[list[Step]] = []
         errors: list[str | None] = []
         for letter in letters:
@@ -395,6 +465,9 @@ class Worker:
     def caught_up(self) -> bool:
         """Every group of every projection has read its whole stream and has nothing
         pending (dead letters are acknowledged, so they do not hold this up)."""
+        self.refresh_status()
+        if len(self.active) < len(self.projections):
+            return False  # something is being built or switched
         pipe = self.redis.pipeline(transaction=False)
         pairs = self._all_slots()
         for _projection, partition in pairs:
@@ -438,6 +511,8 @@ class Worker:
         try:
             while not stop.is_set():
                 try:
+                    if self.needs_build and self.build_missing(stop):
+                        continue
                     handled = self.run_once(drain=drain)
                     backoff = 0.1
                     if drain and not handled and self.caught_up():

@@ -13,8 +13,9 @@ from commands.results import CommandResult
 from cqrs.wiring import Wiring
 from projector.projection import Projection
 from projector.registry import PROJECTIONS
+from projector.state import live_generation
 from projector.verify import verify
-from projector.worker import Worker, current_generation
+from projector.worker import Worker
 
 
 def run(wiring: Wiring, command: object) -> CommandResult:
@@ -27,13 +28,18 @@ def relay_all(wiring: Wiring) -> int:
 
 def drain(wiring: Wiring, projections: Iterable[Projection] | None = None) -> Worker:
     relay_all(wiring)
-    worker = Worker(wiring.redis, wiring.settings, projections or PROJECTIONS.values())
+    worker = Worker(
+        wiring.redis,
+        wiring.settings,
+        projections or PROJECTIONS.values(),
+        database_url=wiring.database_url,
+    )
     worker.run(threading.Event(), drain=True)
     return worker
 
 
 def differences(wiring: Wiring) -> list:
-    generations = {n: current_generation(wiring.redis, wiring.keys, n) for n in PROJECTIONS}
+    generations = {n: live_generation(wiring.redis, wiring.keys, n) for n in PROJECTIONS}
     return verify(wiring.database_url, wiring.redis, wiring.keys, generations)
 
 

@@ -39,6 +39,7 @@ def test_malformed_entries_are_dead_lettered_and_the_rest_is_projected(
     poison_wiring: Wiring,
 ) -> None:
     wiring = poison_wiring
+    drain(wiring)  # the views exist: what follows is live projection, not a first build
     before = run(wiring, CreateProduct(sku="P-1", name="Before", price="1.00", stock=1)).id
     relay_all(wiring)
     good = EventEnvelope(
@@ -110,6 +111,7 @@ def test_handler_exception_is_dead_lettered_then_retried_once_fixed(
     flaky = Projection(
         name="products", version=1, handlers={**real.handlers, "ProductCreated": exploding}
     )
+    drain(wiring, [flaky])
     victim = run(wiring, CreateProduct(sku="B-1", name="Boom", price="1.00", stock=1)).id
     bystander = run(wiring, CreateProduct(sku="B-2", name="Fine", price="1.00", stock=1)).id
     drain(wiring, [flaky])
@@ -139,6 +141,7 @@ def test_parked_successor_is_retried_from_the_cli(poison_wiring: Wiring) -> None
         "CQRS_PROJECTOR_MAX_DELIVERIES": "3",
         "CQRS_PUBLISH_ON_COMMIT": "false",
     }
+    drain(wiring)
     created = run(wiring, CreateProduct(sku="G-1", name="Original", price="1.00", stock=1))
     renamed = run(wiring, RenameProduct(product_id=created.id, name="Renamed"))
     # Publish only the rename (v2): take the create's outbox row out of the relay's way.

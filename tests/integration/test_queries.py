@@ -234,7 +234,9 @@ def test_after_waits_for_a_paused_projector_then_answers(
             waiter.wait(timeout=1.5)
         assert service.behind(placed["token"])
         # ...and answers once it is released.
-        worker = Worker(wiring.redis, wiring.settings, PROJECTIONS.values())
+        worker = Worker(
+            wiring.redis, wiring.settings, PROJECTIONS.values(), database_url=wiring.database_url
+        )
         threading.Thread(
             target=worker.run, args=(threading.Event(),), kwargs={"drain": True}
         ).start()

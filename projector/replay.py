@@ -1,0 +1,419 @@
+"""Replay: build a projection's views from history into a new generation, then switch.
+
+The live generation keeps serving (and live workers keep it current) while the new one is
+built beside it under other keys, so no query ever sees a half-built or mixed view:
+
+1. take the projection's replay lock (a second replay refuses) and allocate a generation
+   number never used before; delete leftovers of generations that are neither live nor
+   this one (an interrupted replay's keys) with SCAN + UNLINK in batches;
+2. source: the streams from their first entry when they still hold the whole history,
+   else the PostgreSQL event log (a consistent snapshot, in position order) followed by
+   the streams from their first entry; events seen twice are no-ops for the version gates;
+3. switch: raise the projection's pause flag (live workers finish their batch and leave
+   the projection's slots), catch up with the streams' tails, move every consumer group
+   to the last entry applied, write the new state (the generation key last: that single
+   SET is the atomic switch for queries), drop the pause flag;
+4. after a short grace period for reads in flight, delete the old generation's keys.
+
+Interrupted at any point (SIGINT, SIGKILL), the live generation is untouched: the lock
+and the pause flag expire, and the next replay cleans up what this one left.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+import redis
+
+from cqrs.eventlog import LOG_COLUMNS, envelope_from_row
+from cqrs.events import EventEnvelope
+from cqrs.keys import KeyMap, ViewKeys
+from cqrs.settings import Settings
+from cqrs.streams import stream_partitions
+from cqrs.urls import libpq_url
+from projector.deadletters import dead_letter_fields
+from projector.projection import Projection
+from projector.scripts import Scripts
+from projector.state import ProjectionState, live_generation, write_state
+from projector.steps import Step, run_steps
+
+log = logging.getLogger(__name__)
+
+Progress = Callable[[int, int], None]
+
+SWITCH_GRACE_SECONDS = 2.0
+
+
+class ReplayError(Exception):
+    """The replay did not run or did not finish; the live views are untouched."""
+
+
+class ReplayInterrupted(ReplayError):
+    pass
+
+
+@dataclass
+class ReplayResult:
+    projection: str
+    source: str
+    events: int
+    seconds: float
+    old_generation: int
+    new_generation: int
+    dead_lettered: int = 0
+    removed_keys: int = 0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def events_per_second(self) -> float:
+        return self.events / self.seconds if self.seconds > 0 else 0.0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "projection": self.projection,
+            "source": self.source,
+            "events": self.events,
+            "seconds": round(self.seconds, 3),
+            "events_per_second": round(self.events_per_second, 1),
+            "old_generation": self.old_generation,
+            "new_generation": self.new_generation,
+            "dead_lettered": self.dead_lettered,
+            "removed_keys": self.removed_keys,
+        }
+
+
+def unlink_pattern(
+    client: redis.Redis, pattern: str, keep: Callable[[str], bool] = lambda _k: False
+) -> int:
+    """Delete keys matching `pattern` in batches (SCAN + UNLINK; never KEYS, never one
+    huge DEL, so Redis is not blocked and memory is freed in the background)."""
+    removed = 0
+    batch: list[str] = []
+    for key in client.scan_iter(match=pattern, count=1000):
+        if keep(key):
+            continue
+        batch.append(key)
+        if len(batch) >= 500:
+            removed += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        removed += client.unlink(*batch)
+    return removed
+
+
+def generation_of(key: str, projection_prefix: str) -> int | None:
+    """The generation number in a view key `<ns>:<projection>:g<N>:...`."""
+    rest = key[len(projection_prefix) :]
+    digits = rest.split(":", 1)[0]
+    return int(digits) if digits.isdigit() else None
+
+
+def stream_holds_history(client: redis.Redis, keys: KeyMap, partitions: int) -> bool:
+    """True when the streams still hold every event ever published: the relay recorded
+    that they were started before anything was published, and nothing was ever trimmed
+    or deleted from any of them since."""
+    if client.hget(keys.meta(), "origin") != "complete":
+        return False
+    pipe = client.pipeline(transaction=False)
+    for partition in range(partitions):
+        pipe.xinfo_stream(keys.stream(partition))
+    for info in pipe.execute(raise_on_error=False):
+        if isinstance(info, redis.ResponseError):
+            continue  # no stream: nothing published to that partition
+        if isinstance(info, Exception):
+            raise info
+        deleted = info.get("max-deleted-entry-id")
+        if deleted is None or str(deleted) != "0-0":
+            return False
+    return True
+
+
+class _Keeper(threading.Thread):
+    """Renews the replay lock (and the pause flag once raised) while the replay runs."""
+
+    def __init__(self, replayer: Replayer) -> None:
+        super().__init__(name=f"replay-keeper-{replayer.projection.name}", daemon=True)
+        self.replayer = replayer
+        self.done = threading.Event()
+        self.lost = threading.Event()
+
+    def run(self) -> None:
+        r = self.replayer
+        while not self.done.wait(r.lock_ms / 3000):
+            try:
+                held = r.scripts["renew_lease"](
+                    keys=[r.keys.replay_lock(r.projection.name)], args=[r.replay_id, r.lock_ms]
+                )
+                if r.paused:
+                    r.scripts["renew_lease"](
+                        keys=[r.keys.pause(r.projection.name)], args=[r.replay_id, r.lock_ms]
+                    )
+                if not held:
+                    self.lost.set()
+                    return
+            except (redis.ConnectionError, redis.TimeoutError):
+                continue
+
+
+class Replayer:
+    def __init__(
+        self,
+        client: redis.Redis,
+        settings: Settings,
+        projection: Projection,
+        database_url: str | None,
+        *,
+        batch_size: int = 1000,
+    ) -> None:
+        self.redis = client
+        self.settings = settings
+        self.keys = KeyMap(settings.namespace)
+        self.scripts = Scripts(client)
+        self.projection = projection
+        self.database_url = database_url
+        self.batch_size = batch_size
+        self.replay_id = uuid.uuid4().hex
+        self.lock_ms = max(settings.projector_lease_ms * 3, 15_000)
+        self.paused = False
+        self.dead_lettered = 0
+
+    # --- the steps of one event --------------------------------------------------------
+
+    def _steps(self, event: EventEnvelope, views: ViewKeys) -> list[Step] | None:
+        handler = self.projection.handlers.get(event.event_type)
+        if handler is None:
+            return None
+        return handler(event, event.typed_payload(), views)
+
+    def _apply(self, views: ViewKeys, items: list[tuple[str, str, dict[str, str]]]) -> None:
+        """Apply (source, entry id, stream fields) items in order; failures are filed as
+        dead letters, as the live worker would, and never stop the replay."""
+        per_event: list[list[Step]] = []
+        errors: list[str | None] = []
+        for _source, _entry_id, fields in items:
+            try:
+                event = EventEnvelope.from_stream_fields(fields)
+                per_event.append(self._steps(event, views) or [])
+                errors.append(None)
+            except Exception as exc:
+                per_event.append([])
+                errors.append(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+        outcome = run_steps(self.redis, self.scripts, per_event)
+        failed = [
+            (item, e1 or e2)
+            for item, e1, e2 in zip(items, errors, outcome.errors, strict=True)
+            if e1 or e2
+        ]
+        if failed:
+            pipe = self.redis.pipeline(transaction=False)
+            for (source, entry_id, fields), error in failed:
+                pipe.xadd(
+                    self.keys.dead_letters(self.projection.name),
+                    dead_letter_fields(self.projection.name, source, entry_id, fields, error, 1),
+                )
+            pipe.execute()
+            self.dead_lettered += len(failed)
+
+    # --- sources -----------------------------------------------------------------------
+
+    def _replay_log(
+        self, views: ViewKeys, progress: Progress, stop: threading.Event | None, keeper: _Keeper
+    ) -> int:
+        """Every event of the log visible now, in position order (per aggregate that is
+        version order, and a customer's rename is after the orders it waited for)."""
+        if not self.database_url:
+            raise ReplayError("replaying from the log needs CQRS_DATABASE_URL")
+        done = 0
+        with psycopg.connect(libpq_url(self.database_url)) as conn:
+            total = conn.execute("SELECT count(*) FROM events.event_log").fetchone()[0]
+            progress(0, total)
+            # A server-side cursor: one consistent snapshot, streamed in batches.
+            with conn.cursor(name=f"replay_{self.replay_id}") as cursor:
+                cursor.itersize = self.batch_size
+                cursor.execute(f"SELECT {LOG_COLUMNS} FROM events.event_log ORDER BY position")
+                while rows := cursor.fetchmany(self.batch_size):
+                    self._check(stop, keeper)
+                    items = []
+                    for row in rows:
+                        event = envelope_from_row(row)
+                        items.append(("log", str(event.position), event.to_stream_fields()))
+                    self._apply(views, items)
+                    done += len(rows)
+                    progress(done, total)
+        return done
+
+    def _replay_streams(
+        self,
+        views: ViewKeys,
+        last_ids: dict[int, str],
+        progress: Progress,
+        stop: threading.Event | None,
+        keeper: _Keeper,
+    ) -> int:
+        """Every stream entry after `last_ids` (updated in place), partition by partition,
+        until the tails as they are now."""
+        done = 0
+        for partition, last in last_ids.items():
+            stream = self.keys.stream(partition)
+            while True:
+                self._check(stop, keeper)
+                start = "-" if last == "0-0" else f"({last}"
+                rows = self.redis.xrange(stream, start, "+", count=self.batch_size)
+                if not rows:
+                    break
+                self._apply(views, [(stream, entry_id, fields) for entry_id, fields in rows])
+                last = rows[-1][0]
+                last_ids[partition] = last
+                done += len(rows)
+                progress(done, 0)
+                if len(rows) < self.batch_size:
+                    break
+        return done
+
+    def _check(self, stop: threading.Event | None, keeper: _Keeper) -> None:
+        if stop is not None and stop.is_set():
+            raise ReplayInterrupted(f"replay of {self.projection.name} interrupted")
+        if keeper.lost.is_set():
+            raise ReplayError(f"replay of {self.projection.name} lost its lock")
+
+    # --- generations -------------------------------------------------------------------
+
+    def _allocate_generation(self, live: int) -> int:
+        counter = self.keys.generation_counter(self.projection.name)
+        new = int(self.redis.incr(counter))
+        if new <= live:  # the counter was lost (Redis data loss) but views survived
+            self.redis.set(counter, live + 1)
+            new = live + 1
+        return new
+
+    def _remove_generations(self, keep: set[int]) -> int:
+        prefix = f"{self.keys.ns}:{self.projection.name}:g"
+        return unlink_pattern(
+            self.redis,
+            self.keys.projection_pattern(self.projection.name),
+            keep=lambda key: generation_of(key, prefix) in keep,
+        )
+
+    def _wait_for_live_workers(self, stop: threading.Event | None, keeper: _Keeper) -> None:
+        """Live workers see the pause flag at their next batch, finish it, acknowledge it
+        and give the projection's leases back; a frozen worker's lease simply expires."""
+        partitions = stream_partitions(self.redis, self.keys, self.settings.partitions)
+        leases = [self.keys.lease(self.projection.name, p) for p in range(partitions)]
+        deadline = time.monotonic() + self.settings.projector_lease_ms / 1000 * 2 + 5
+        while self.redis.exists(*leases):
+            self._check(stop, keeper)
+            if time.monotonic() > deadline:
+                raise ReplayError(
+                    f"live workers of {self.projection.name} did not release their leases"
+                )
+            time.sleep(0.02)
+
+    def _move_groups(self, last_ids: dict[int, str]) -> None:
+        """Live consumption resumes right after the last entry the new generation has."""
+        group = self.projection.name
+        for partition, last in last_ids.items():
+            stream = self.keys.stream(partition)
+            try:
+                self.redis.xgroup_setid(stream, group, last)
+            except redis.ResponseError as exc:
+                if "NOGROUP" not in str(exc) and "requires the key to exist" not in str(exc):
+                    raise
+                self.redis.xgroup_create(stream, group, id=last, mkstream=True)
+
+    # --- the whole replay --------------------------------------------------------------
+
+    def run(
+        self,
+        source: str = "auto",
+        *,
+        progress: Progress | None = None,
+        stop: threading.Event | None = None,
+    ) -> ReplayResult:
+        if source not in ("auto", "stream", "log"):
+            raise ReplayError(f"unknown source {source!r} (auto, stream or log)")
+        name = self.projection.name
+        progress = progress or (lambda _done, _total: None)
+        started = time.monotonic()
+        if not self.redis.set(
+            self.keys.replay_lock(name), self.replay_id, nx=True, px=self.lock_ms
+        ):
+            raise ReplayError(f"a replay of {name} is already running; try again when it is done")
+        keeper = _Keeper(self)
+        keeper.start()
+        old = live_generation(self.redis, self.keys, name)
+        new = 0
+        switched = False
+        try:
+            new = self._allocate_generation(old)
+            removed = self._remove_generations({old, new})
+            partitions = stream_partitions(self.redis, self.keys, self.settings.partitions)
+            chosen = source
+            if source == "auto":
+                holds = stream_holds_history(self.redis, self.keys, partitions)
+                chosen = "stream" if holds or not self.database_url else "log"
+            views = self.keys.views(name, new)
+            log.info("replaying %s into generation %d from the %s", name, new, chosen)
+            events = 0
+            if chosen == "log":
+                events += self._replay_log(views, progress, stop, keeper)
+            last_ids = {p: "0-0" for p in range(partitions)}
+            offset = events
+            events += self._replay_streams(
+                views, last_ids, lambda d, _t: progress(offset + d, 0), stop, keeper
+            )
+            # The switch: live workers step aside, we catch up with the tails, move the
+            # groups, and flip the generation.
+            self.redis.set(self.keys.pause(name), self.replay_id, px=self.lock_ms)
+            self.paused = True
+            self._wait_for_live_workers(stop, keeper)
+            offset = events
+            events += self._replay_streams(
+                views, last_ids, lambda d, _t: progress(offset + d, 0), stop, keeper
+            )
+            self._move_groups(last_ids)
+            write_state(self.redis, self.keys, name, ProjectionState(new, self.projection.version))
+            switched = True
+            self.scripts["release_lease"](keys=[self.keys.pause(name)], args=[self.replay_id])
+            self.paused = False
+            self.redis.publish(self.keys.applied_channel(), 0)
+            log.info("%s now serves generation %d", name, new)
+            # Reads that fetched the old generation number a moment ago may still be
+            # reading its keys: give them a moment before deleting.
+            if old and (stop is None or not stop.wait(SWITCH_GRACE_SECONDS)):
+                removed += self._remove_generations({new})
+            return ReplayResult(
+                projection=name,
+                source=chosen,
+                events=events,
+                seconds=time.monotonic() - started,
+                old_generation=old,
+                new_generation=new,
+                dead_lettered=self.dead_lettered,
+                removed_keys=removed,
+            )
+        except BaseException:
+            if not switched and new:
+                # Best effort; the next replay removes whatever is left.
+                with contextlib.suppress(redis.RedisError):
+                    self._remove_generations({old} if old else set())
+            raise
+        finally:
+            keeper.done.set()
+            try:
+                if self.paused:
+                    self.scripts["release_lease"](
+                        keys=[self.keys.pause(name)], args=[self.replay_id]
+                    )
+                self.scripts["release_lease"](
+                    keys=[self.keys.replay_lock(name)], args=[self.replay_id]
+                )
+            except redis.RedisError:
+                pass  # both expire on their own
