@@ -66,11 +66,13 @@ class ProductList(BaseModel):
 class ProjectionHealth(BaseModel):
     lag: int = Field(description="stream entries not yet delivered to the projection")
     pending: int = Field(description="entries delivered but not yet acknowledged")
+    rebuilding: bool = Field(
+        default=False, description="a replay is building a new generation, or no views exist yet"
+    )
 
 
 class Health(BaseModel):
-    # "rebuilding" joins these when view rebuilds report their progress (see health()).
-    status: Literal["ok", "unavailable"]
+    status: Literal["ok", "rebuilding", "unavailable"]
     redis: str
     projections: dict[str, ProjectionHealth] = Field(default_factory=dict)
 
@@ -204,16 +206,19 @@ def health(service: QueryService) -> tuple[int, Health]:
     try:
         service.redis.ping()
         lags = service.lag()
+        rebuilding = service.rebuilding()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return 503, Health(status="unavailable", redis=mask_url(f"unreachable: {exc}"))
-    status: Literal["ok", "unavailable"] = "ok"
-    # Rebuild status goes here: a projection whose new generation is being built reports
-    # status "rebuilding" (still 200: the live generation keeps serving) and its progress
-    # beside its lag in `projections`.
+    # Still 200 while rebuilding: a manual replay keeps the live generation serving; after
+    # Redis lost its data, reads answer 404 until the rebuild switches, and this says why.
+    status: Literal["ok", "rebuilding", "unavailable"] = "rebuilding" if rebuilding else "ok"
     return 200, Health(
         status=status,
         redis="ok",
-        projections={name: ProjectionHealth(**numbers) for name, numbers in lags.items()},
+        projections={
+            name: ProjectionHealth(**numbers, rebuilding=name in rebuilding)
+            for name, numbers in lags.items()
+        },
     )
 
 

@@ -35,6 +35,19 @@ MAX_LIMIT = 500
 _SEP = "\x00"
 
 
+class _GenerationSwitched(Exception):
+    """A list was read across a generation switch; read it again from the start."""
+
+
+def _retry_on_switch(read: Callable[[], T]) -> T:
+    for _ in range(3):
+        try:
+            return read()
+        except _GenerationSwitched:
+            continue
+    return read()
+
+
 def encode_cursor(member: str) -> str:
     return base64.urlsafe_b64encode(member.encode()).decode().rstrip("=")
 
@@ -84,17 +97,24 @@ class QueryService:
             pipe.get(self.keys.generation(projection))
             build(pipe, self.keys.views(projection, assumed))
             first, *rest = pipe.execute()
-            live = int(first or 1)
+            live = int(first or 0)
             if live == assumed:
                 return rest
             self._generations[projection] = live  # a rebuild switched: read again
         return rest
 
-    def _hashes(self, keys: list[str]) -> list[dict[str, str]]:
+    def _hashes(self, projection: str, keys: list[str]) -> list[dict[str, str]]:
+        """The views of one page, in one pipeline with the generation number: if a rebuild
+        switched generations since the index was read, the page is read again."""
         pipe = self.redis.pipeline(transaction=False)
+        pipe.get(self.keys.generation(projection))
         for key in keys:
             pipe.hgetall(key)
-        return pipe.execute() if keys else []
+        live, *hashes = pipe.execute()
+        if int(live or 0) != self._generations.get(projection, 1):
+            self._generations[projection] = int(live or 0)
+            raise _GenerationSwitched
+        return hashes
 
     # --- products ----------------------------------------------------------------------
 
@@ -108,6 +128,9 @@ class QueryService:
     def list_products(
         self, *, sort: str = "name", limit: int = 20, cursor: str | None = None
     ) -> Page[ProductView]:
+        return _retry_on_switch(lambda: self._list_products(sort, limit, cursor))
+
+    def _list_products(self, sort: str, limit: int, cursor: str | None) -> Page[ProductView]:
         if sort not in ("name", "price"):
             raise BadCursor(f"unknown sort {sort!r} (name or price)")
         limit = max(1, min(limit, MAX_LIMIT))
@@ -125,7 +148,9 @@ class QueryService:
         shown = members[:limit]
         items = [
             ProductView.model_validate(data)
-            for data in self._hashes([views.product(m.rsplit(_SEP, 1)[-1]) for m in shown])
+            for data in self._hashes(
+                "products", [views.product(m.rsplit(_SEP, 1)[-1]) for m in shown]
+            )
             if data.get("version")
         ]
         more = len(members) > limit
@@ -134,12 +159,15 @@ class QueryService:
         )
 
     def top_products(self, *, limit: int = 10) -> list[ProductView]:
+        return _retry_on_switch(lambda: self._top_products(limit))
+
+    def _top_products(self, limit: int) -> list[ProductView]:
         limit = max(1, min(limit, MAX_LIMIT))
         [ids] = self._read("products", lambda p, v: p.zrevrange(v.top_products(), 0, limit - 1))
         views = self.keys.views("products", self._generations.get("products", 1))
         return [
             ProductView.model_validate(data)
-            for data in self._hashes([views.product(i) for i in ids])
+            for data in self._hashes("products", [views.product(i) for i in ids])
             if data.get("version")
         ]
 
@@ -167,6 +195,11 @@ class QueryService:
         self, customer_id: UUID | str, *, limit: int = 20, cursor: str | None = None
     ) -> Page[OrderView]:
         """Newest first. Unknown customer: NotFound (its view is checked in the same trip)."""
+        return _retry_on_switch(lambda: self._customer_orders(customer_id, limit, cursor))
+
+    def _customer_orders(
+        self, customer_id: UUID | str, limit: int, cursor: str | None
+    ) -> Page[OrderView]:
         cid = _uuid(customer_id, "customer")
         limit = max(1, min(limit, MAX_LIMIT))
         start = f"({decode_cursor(cursor, ':')}" if cursor else "+"
@@ -182,7 +215,7 @@ class QueryService:
         shown = members[:limit]
         items = [
             self._order(data)
-            for data in self._hashes([views.order(m.rsplit(":", 1)[-1]) for m in shown])
+            for data in self._hashes("orders", [views.order(m.rsplit(":", 1)[-1]) for m in shown])
             if data.get("version")
         ]
         more = len(members) > limit
@@ -248,6 +281,16 @@ class QueryService:
         raise NotCaughtUp(
             f"views did not reflect the write within {timeout:g}s: {missing[0]}; {summary}"
         )
+
+    def rebuilding(self) -> set[str]:
+        """Projections being rebuilt (a replay holds their lock) or with no views at all
+        (not built yet, or Redis lost its data and the workers are rebuilding them)."""
+        pipe = self.redis.pipeline(transaction=False)
+        for projection in PROJECTIONS:
+            pipe.exists(self.keys.replay_lock(projection))
+            pipe.exists(self.keys.generation(projection))
+        results = pipe.execute()
+        return {p for i, p in enumerate(PROJECTIONS) if results[2 * i] or not results[2 * i + 1]}
 
     def lag(self) -> dict[str, dict[str, int]]:
         partitions = int(self.redis.hget(self.keys.meta(), "partitions") or self.partitions)
