@@ -41,6 +41,10 @@ def start_relay(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
         )
 
 
+def log_tail(log: Path) -> str:
+    return log.read_text(errors="replace")[-3000:] if log.exists() else "(no log)"
+
+
 def test_relay_sigkilled_repeatedly_loses_and_reorders_nothing(
     wiring: Wiring, cli_env: dict[str, str], tmp_path: Path
 ) -> None:
@@ -63,17 +67,20 @@ def test_relay_sigkilled_repeatedly_loses_and_reorders_nothing(
                 relay = start_relay(env, log)
                 # Kill only once this relay is demonstrably publishing (or has nothing to
                 # publish), then at a random instant within the next few batches.
-                wait_until(
-                    lambda p=relay, b=before: (
-                        p.poll() is not None
-                        or stream_length(client, keys, settings) > b
-                        or outbox_count(settings.database_url) == 0
-                    ),
-                    timeout=30,
-                    interval=0.01,
-                    what="the restarted relay to publish",
-                )
-                assert relay.poll() is None, f"relay exited early:\n{log.read_text()[-2000:]}"
+                try:
+                    wait_until(
+                        lambda p=relay, b=before: (
+                            p.poll() is not None
+                            or stream_length(client, keys, settings) > b
+                            or outbox_count(settings.database_url) == 0
+                        ),
+                        timeout=30,
+                        interval=0.01,
+                        what="the restarted relay to publish",
+                    )
+                except AssertionError as exc:
+                    raise AssertionError(f"{exc}; relay log:\n{log_tail(log)}") from None
+                assert relay.poll() is None, f"relay exited early; relay log:\n{log_tail(log)}"
                 time.sleep(rng.uniform(0.0, 0.05))
                 pending = outbox_count(settings.database_url)
                 relay.kill()
@@ -97,7 +104,7 @@ def test_relay_sigkilled_repeatedly_loses_and_reorders_nothing(
     assert kills_mid_backlog >= 3, f"only {kills_mid_backlog} kills landed during a backlog"
 
     drained = run_cli("relay", "--drain", env=env, timeout=120)
-    assert drained.returncode == 0, drained.stderr
+    assert drained.returncode == 0, drained.stderr + log_tail(log)
 
     report = assert_published_exactly_once(settings.database_url, client, keys, settings)
     assert report.events == workload.events
