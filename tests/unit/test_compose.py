@@ -84,7 +84,8 @@ def parse_command(app: typer.Typer, argv: list[str]) -> dict[str, Any]:
     command = typer.main.get_command(app)
     ctx = command.make_context("cqrs", list(argv))
     while hasattr(command, "resolve_command"):
-        name, command, rest = command.resolve_command(ctx, [*ctx._protected_args, *ctx.args])
+        pending = getattr(ctx, "_protected_args", None) or getattr(ctx, "protected_args", [])
+        name, command, rest = command.resolve_command(ctx, [*pending, *ctx.args])
         assert command is not None, f"no subcommand {name!r}"
         ctx = command.make_context(name, rest, parent=ctx)
     return ctx.params
