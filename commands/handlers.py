@@ -7,6 +7,8 @@ a retry is safe); after that the caller gets a clear `Conflict`.
 
 from __future__ import annotations
 
+import random
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -49,13 +51,17 @@ def _is_retryable(exc: Exception) -> bool:
 def execute(command: object, session_factory: sessionmaker, *, retries: int = 5) -> CommandResult:
     """Run one command to completion or raise CommandRejected; nothing half-written."""
     handler = HANDLERS[type(command)]
-    for _attempt in range(retries + 1):
+    for attempt in range(retries + 1):
         try:
             with UnitOfWork(session_factory) as uow:
                 return handler(command, uow)
         except (StaleDataError, IntegrityError, DBAPIError) as exc:
             if not _is_retryable(exc):
                 raise
+            # Jittered backoff: writers that collided once should not collide again in
+            # lockstep on a hot aggregate.
+            if attempt < retries:
+                time.sleep(random.uniform(0, 0.002 * (2**attempt)))
     raise Conflict(
         f"{type(command).__name__} lost {retries + 1} concurrent-update races in a row; try again"
     )
