@@ -130,6 +130,12 @@ def stream_holds_history(client: redis.Redis, keys: KeyMap, partitions: int) -> 
             continue  # no stream: nothing published to that partition
         if isinstance(info, Exception):
             raise info
+        # XTRIM (the relay's retention, MAXLEN or MINID) does not move
+        # max-deleted-entry-id, only XDEL does (redis/redis#13473): compare the entries
+        # ever added with the entries still there, which counts both.
+        added = info.get("entries-added")
+        if added is None or int(added) != int(info["length"]):
+            return False
         deleted = info.get("max-deleted-entry-id")
         if deleted is None or str(deleted) != "0-0":
             return False
