@@ -42,7 +42,7 @@ from cqrs.urls import libpq_url
 from projector.deadletters import dead_letter_fields
 from projector.projection import Projection
 from projector.scripts import Scripts
-from projector.state import ProjectionState, live_generation, write_state
+from projector.state import ProjectionState, live_generation, read_state, write_state
 from projector.steps import Step, run_steps
 
 log = logging.getLogger(__name__)
@@ -58,6 +58,10 @@ class ReplayError(Exception):
 
 class ReplayInterrupted(ReplayError):
     pass
+
+
+class AlreadyBuilt(ReplayError):
+    """Nothing to build: another process gave the projection valid views meanwhile."""
 
 
 @dataclass
@@ -342,7 +346,11 @@ class Replayer:
         *,
         progress: Progress | None = None,
         stop: threading.Event | None = None,
+        only_if_invalid: bool = False,
     ) -> ReplayResult:
+        """Build and switch to a new generation. With `only_if_invalid` (a worker building
+        missing views), raise AlreadyBuilt instead when, once the lock is ours, the views
+        turn out valid: another worker built them since this one last looked."""
         if source not in ("auto", "stream", "log"):
             raise ReplayError(f"unknown source {source!r} (auto, stream or log)")
         name = self.projection.name
@@ -358,6 +366,10 @@ class Replayer:
         new = 0
         switched = False
         try:
+            if only_if_invalid:
+                state = read_state(self.redis, self.keys, name)
+                if state is not None and state.version == self.projection.version:
+                    raise AlreadyBuilt(f"{name} was built meanwhile (generation {old})")
             new = self._allocate_generation(old)
             removed = self._remove_generations({old, new})
             partitions = stream_partitions(self.redis, self.keys, self.settings.partitions)

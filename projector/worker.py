@@ -204,8 +204,8 @@ class Worker:
     def build_missing(self, stop: threading.Event) -> bool:
         """Build, from history, every projection of ours that has no valid views (new,
         version bumped, or Redis lost its data) and that nobody else is building.
-        Returns True when a build ran."""
-        from projector.replay import Replayer, ReplayError
+        Returns True when a build ran (or another worker's build was found done)."""
+        from projector.replay import AlreadyBuilt, Replayer, ReplayError
 
         ran = False
         for projection in self.projections:
@@ -216,8 +216,10 @@ class Worker:
                 log.error("%s has no views and no database is configured to build them", name)
                 continue
             try:
+                # `needs_build` may be stale by now (another worker may have built it while
+                # we built another projection): the replayer checks again under its lock.
                 result = Replayer(self.redis, self.settings, projection, self.database_url).run(
-                    "auto", stop=stop
+                    "auto", stop=stop, only_if_invalid=True
                 )
                 log.info(
                     "built %s from the %s: %d events in %.1fs",
@@ -227,6 +229,9 @@ class Worker:
                     result.seconds,
                 )
                 ran = True
+            except AlreadyBuilt:
+                log.info("%s was built by another worker meanwhile", name)
+                ran = True  # refresh the status below
             except ReplayError as exc:
                 log.warning("could not build %s now: %s", name, exc)
             except psycopg.OperationalError as exc:
