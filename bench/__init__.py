@@ -1,0 +1,1 @@
+"""Benchmarks and workload generators; they print figures and assert nothing about time."""

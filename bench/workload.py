@@ -1,0 +1,362 @@
+"""A seeded random workload through the real command handlers.
+
+Tests, benchmarks and soak runs all need the same thing: a realistic stream of events from
+every service, produced the way production produces them (`commands.handlers.execute`, one
+PostgreSQL transaction per command, events through the outbox), not hand-made envelopes
+that could drift from what the write side really emits.
+
+Why it looks like this:
+
+* **Seeded.** Every choice (command, ids, names, prices, quantities) comes from the `rng`
+  the caller passes, so a failing run can be replayed. With one writer the sequence of
+  commands is fully reproducible; with several writers each thread draws from its own
+  generator seeded from `rng`, so only the interleaving varies.
+* **Mostly valid.** The generator only addresses aggregates it created itself and that
+  committed, so most commands succeed and the views get real work. Some commands are
+  refused by the state on purpose, the way real clients get refused: negative restocks
+  and orders larger than the stock (`InsufficientStock`), cancelling or shipping an order
+  that is already closed (`InvalidTransition`), and under several writers the odd lost
+  retry race (`Conflict`). A refusal (`CommandRejected`) is counted, never raised; any
+  other exception is a bug and propagates.
+* **Every command.** Products are created (with stock), renamed, repriced and restocked
+  (both ways); customers registered and renamed; orders placed with 1-4 distinct lines,
+  cancelled and shipped. Names include non-ASCII text so case-folded indexes are exercised.
+* **Observable while running.** Pass your own `WorkloadReport` as `report=` and read its
+  counters from another thread (a crash test kills processes at chosen points of progress).
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable
+from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from sqlalchemy import Engine
+from sqlalchemy.orm import sessionmaker
+
+from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
+from commands.customers import RegisterCustomer, RenameCustomer
+from commands.db import make_session_factory
+from commands.errors import CommandRejected
+from commands.handlers import execute
+from commands.orders import CancelOrder, OrderItem, PlaceOrder, ShipOrder
+from commands.results import CommandResult
+
+__all__ = ["COMMAND_WEIGHTS", "WorkloadReport", "generate"]
+
+
+class HasEngine(Protocol):
+    """Anything with a SQLAlchemy engine, such as `cqrs.wiring.Wiring` (duck-typed so this
+    module does not need a wiring to be importable)."""
+
+    @property
+    def engine(self) -> Engine: ...
+
+
+# Relative frequency of each kind of command. Orders dominate, as in a shop; the rest keep
+# every event type flowing. The population grows with creates and registrations, so later
+# commands spread over more aggregates and contend less.
+COMMAND_WEIGHTS: dict[str, int] = {
+    "create_product": 6,
+    "register_customer": 6,
+    "rename_product": 8,
+    "reprice_product": 6,
+    "restock_product": 10,
+    "rename_customer": 8,
+    "place_order": 36,
+    "cancel_order": 9,
+    "ship_order": 11,
+}
+
+# Below these, the generator creates before it references, so the first commands are valid.
+MIN_PRODUCTS = 4
+MIN_CUSTOMERS = 3
+# Share of restocks that remove stock (some of them more than there is).
+NEGATIVE_RESTOCK = 0.3
+# Share of cancels/ships aimed at an order that is already closed (refused on purpose).
+CLOSED_ORDER_RETRY = 0.05
+
+_ADJECTIVES = ("Blue", "Small", "Heavy", "Quiet", "Smart", "Grüne", "Éclair", "Ångström", "Big")
+_NOUNS = ("Widget", "Gadget", "Kettle", "Lamp", "Straße Map", "Café Mug", "Drill", "Chair")
+_FIRST = ("Ann", "Bob", "Chloé", "Dmitri", "Eve", "Fatima", "Günter", "Hiro", "Inès", "Jo")
+_LAST = ("Smith", "Müller", "Okafor", "Tanaka", "García", "Nguyen", "Łukasz", "O'Brien")
+
+
+@dataclass
+class WorkloadReport:
+    """What a workload did. Counters are updated under a lock while the workload runs, so
+    another thread may read them as live progress."""
+
+    attempted: int = 0
+    committed: int = 0
+    rejected: int = 0
+    events: int = 0  # sum of len(result.events) over committed commands
+    seconds: float = 0.0
+    committed_by_command: Counter[str] = field(default_factory=Counter)
+    # "<Command>:<Rejection>", e.g. "PlaceOrder:InsufficientStock".
+    rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
+
+    def _committed(self, command: object, result: CommandResult) -> None:
+        with self._lock:
+            self.attempted += 1
+            self.committed += 1
+            self.events += len(result.events)
+            self.committed_by_command[type(command).__name__] += 1
+
+    def _rejected(self, command: object, exc: CommandRejected) -> None:
+        with self._lock:
+            self.attempted += 1
+            self.rejected += 1
+            self.rejected_by_reason[f"{type(command).__name__}:{type(exc).__name__}"] += 1
+
+    def summary(self) -> str:
+        """One line for benchmark output and test logs."""
+        rate = self.attempted / self.seconds if self.seconds else 0.0
+        return (
+            f"{self.attempted} commands ({self.committed} committed, {self.rejected} rejected), "
+            f"{self.events} events in {self.seconds:.1f}s ({rate:.0f} commands/s); "
+            f"rejected: {dict(self.rejected_by_reason)}"
+        )
+
+
+class _Population:
+    """The aggregates this workload created and saw committed, shared by its writers.
+
+    Open orders are taken out of the list by the writer that cancels or ships them, so two
+    writers rarely race for the same transition; the loser of a race that does happen is
+    simply refused (InvalidTransition) and counted.
+    """
+
+    def __init__(self, tag: str) -> None:
+        self.tag = tag
+        self.lock = threading.Lock()
+        self.products: list[uuid.UUID] = []
+        self.customers: list[uuid.UUID] = []
+        self.open_orders: list[uuid.UUID] = []
+        self.closed_orders: list[uuid.UUID] = []
+        self._serial = 0
+
+    def serial(self) -> int:
+        with self.lock:
+            self._serial += 1
+            return self._serial
+
+
+def _uuid(rng: random.Random) -> uuid.UUID:
+    return uuid.UUID(int=rng.getrandbits(128), version=4)
+
+
+def _price(rng: random.Random) -> str:
+    cents = rng.randint(50, 250_000)
+    return f"{cents // 100}.{cents % 100:02d}"
+
+
+def _product_name(rng: random.Random, n: int) -> str:
+    return f"{rng.choice(_ADJECTIVES)} {rng.choice(_NOUNS)} {n}"
+
+
+def _person_name(rng: random.Random) -> str:
+    return f"{rng.choice(_FIRST)} {rng.choice(_LAST)}"
+
+
+class _Writer:
+    """One thread's command source: its own generator, the shared population and report."""
+
+    def __init__(
+        self,
+        rng: random.Random,
+        session_factory: sessionmaker,
+        population: _Population,
+        report: WorkloadReport,
+        after_commit: Callable[[CommandResult], None] | None,
+    ) -> None:
+        self.rng = rng
+        self.session_factory = session_factory
+        self.pop = population
+        self.report = report
+        self.after_commit = after_commit
+
+    def _run(self, command: object) -> CommandResult | None:
+        try:
+            result = execute(command, self.session_factory)
+        except CommandRejected as exc:
+            self.report._rejected(command, exc)
+            return None
+        self.report._committed(command, result)
+        if self.after_commit is not None:
+            self.after_commit(result)
+        return result
+
+    def _choose(self) -> str:
+        with self.pop.lock:
+            products, customers = len(self.pop.products), len(self.pop.customers)
+            open_orders = len(self.pop.open_orders)
+        if products < MIN_PRODUCTS:
+            return "create_product"
+        if customers < MIN_CUSTOMERS:
+            return "register_customer"
+        kind = self.rng.choices(list(COMMAND_WEIGHTS), weights=list(COMMAND_WEIGHTS.values()))[0]
+        if kind in ("cancel_order", "ship_order") and not open_orders:
+            return "place_order"
+        return kind
+
+    def _pick(self, ids: list[uuid.UUID]) -> uuid.UUID:
+        with self.pop.lock:
+            return self.rng.choice(ids)
+
+    def _take_order(self) -> uuid.UUID | None:
+        """An order to cancel or ship: usually an open one (removed from the open list, so
+        other writers leave it alone), sometimes one already closed (refused on purpose)."""
+        with self.pop.lock:
+            if self.pop.closed_orders and self.rng.random() < CLOSED_ORDER_RETRY:
+                return self.rng.choice(self.pop.closed_orders)
+            if not self.pop.open_orders:
+                return None
+            ids = self.pop.open_orders
+            i = self.rng.randrange(len(ids))
+            ids[i], ids[-1] = ids[-1], ids[i]
+            return ids.pop()
+
+    def step(self) -> None:
+        """Issue one command."""
+        rng, pop = self.rng, self.pop
+        kind = self._choose()
+        if kind == "create_product":
+            n = pop.serial()
+            result = self._run(
+                CreateProduct(
+                    sku=f"{pop.tag}-{n}",
+                    name=_product_name(rng, n),
+                    price=_price(rng),
+                    stock=rng.randint(20, 400),
+                    product_id=_uuid(rng),
+                )
+            )
+            if result is not None:
+                with pop.lock:
+                    pop.products.append(result.id)
+        elif kind == "register_customer":
+            n = pop.serial()
+            result = self._run(
+                RegisterCustomer(
+                    email=f"c{n}.{pop.tag}@example.com",
+                    name=_person_name(rng),
+                    customer_id=_uuid(rng),
+                )
+            )
+            if result is not None:
+                with pop.lock:
+                    pop.customers.append(result.id)
+        elif kind == "rename_product":
+            n = pop.serial()
+            self._run(
+                RenameProduct(product_id=self._pick(pop.products), name=_product_name(rng, n))
+            )
+        elif kind == "reprice_product":
+            self._run(RepriceProduct(product_id=self._pick(pop.products), price=_price(rng)))
+        elif kind == "restock_product":
+            qty = -rng.randint(1, 60) if rng.random() < NEGATIVE_RESTOCK else rng.randint(10, 200)
+            self._run(RestockProduct(product_id=self._pick(pop.products), qty=qty))
+        elif kind == "rename_customer":
+            self._run(RenameCustomer(customer_id=self._pick(pop.customers), name=_person_name(rng)))
+        elif kind == "place_order":
+            with pop.lock:
+                customer = rng.choice(pop.customers)
+                picked = rng.sample(pop.products, min(rng.randint(1, 4), len(pop.products)))
+            items = [
+                OrderItem(product_id=p, qty=rng.choices((1, 2, 3, 5, 8), (40, 25, 15, 12, 8))[0])
+                for p in picked
+            ]
+            result = self._run(PlaceOrder(customer_id=customer, items=items, order_id=_uuid(rng)))
+            if result is not None:
+                with pop.lock:
+                    pop.open_orders.append(result.id)
+        else:
+            order = self._take_order()
+            if order is None:  # another writer took the last open order meanwhile
+                return self.step()
+            command = (
+                CancelOrder(order_id=order) if kind == "cancel_order" else ShipOrder(order_id=order)
+            )
+            self._run(command)
+            with pop.lock:
+                if order not in pop.closed_orders:
+                    pop.closed_orders.append(order)
+
+
+def _session_factory(target: HasEngine | sessionmaker) -> sessionmaker:
+    if isinstance(target, sessionmaker):
+        return target
+    return make_session_factory(target.engine)
+
+
+def generate(
+    rng: random.Random,
+    target: HasEngine | sessionmaker,
+    n_commands: int,
+    *,
+    writers: int = 1,
+    report: WorkloadReport | None = None,
+    after_commit: Callable[[CommandResult], None] | None = None,
+    stop: threading.Event | None = None,
+) -> WorkloadReport:
+    """Issue `n_commands` random commands (fewer if `stop` is set) and report what happened.
+
+    `target` is a wiring (anything with `.engine`) or a session factory. With `writers` > 1
+    the commands are shared among that many threads that contend for the same aggregates,
+    as concurrent clients do. `after_commit` runs in the writer's thread after each
+    committed command (e.g. to publish right away as the CLI does). Refused commands are
+    counted in the report; any other exception stops every writer and is raised here.
+    """
+    if n_commands < 0:
+        raise ValueError("n_commands must not be negative")
+    if writers < 1:
+        raise ValueError("writers must be at least 1")
+    report = report if report is not None else WorkloadReport()
+    session_factory = _session_factory(target)
+    population = _Population(tag=f"{rng.getrandbits(40):010x}")
+    halt = threading.Event()
+    tickets = iter(range(n_commands))
+    tickets_lock = threading.Lock()
+
+    def take_ticket() -> bool:
+        if halt.is_set() or (stop is not None and stop.is_set()):
+            return False
+        with tickets_lock:
+            return next(tickets, None) is not None
+
+    def write(writer: _Writer) -> None:
+        try:
+            while take_ticket():
+                writer.step()
+        except BaseException:
+            halt.set()  # a bug in one writer ends the run for all of them
+            raise
+
+    # Seeds are drawn before any thread starts, so they depend on `rng` alone.
+    workers = [
+        _Writer(
+            random.Random(rng.getrandbits(64)), session_factory, population, report, after_commit
+        )
+        for _ in range(writers)
+    ]
+    started = time.monotonic()
+    try:
+        if writers == 1:
+            write(workers[0])
+        else:
+            with ThreadPoolExecutor(writers, thread_name_prefix="workload") as pool:
+                futures = [pool.submit(write, w) for w in workers]
+                wait(futures, return_when=FIRST_EXCEPTION)
+                for future in futures:
+                    future.result()
+    finally:
+        report.seconds = time.monotonic() - started
+    return report
