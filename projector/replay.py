@@ -312,6 +312,24 @@ class Replayer:
             keep=lambda key: generation_of(key, prefix) in keep,
         )
 
+    def _remove_own_generation(self, generation: int) -> int:
+        """Delete one generation this replay answers for (its old one after the switch,
+        its unfinished new one after a failure), and only while it still holds the lock:
+        a replay that lost it (stalled past the TTL, or Redis lost its data and with it the
+        generation counter) may share generation numbers with the replay that holds it
+        now. Anything left is removed by the next replay, under its lock."""
+        held = self.redis.get(self.keys.replay_lock(self.projection.name))
+        if held not in (self.replay_id, self.replay_id.encode()):
+            log.warning(
+                "replay of %s lost its lock; generation %d is left to the next replay",
+                self.projection.name,
+                generation,
+            )
+            return 0
+        return unlink_pattern(
+            self.redis, self.keys.views(self.projection.name, generation).pattern()
+        )
+
     def _wait_for_live_workers(self, stop: threading.Event | None, keeper: _Keeper) -> None:
         """Live workers see the pause flag at their next batch, finish it, acknowledge it
         and give the projection's leases back; a frozen worker's lease simply expires."""
@@ -405,8 +423,9 @@ class Replayer:
             log.info("%s now serves generation %d", name, new)
             # Reads that fetched the old generation number a moment ago may still be
             # reading its keys: give them a moment before deleting.
-            if old and (stop is None or not stop.wait(SWITCH_GRACE_SECONDS)):
-                removed += self._remove_generations({new})
+            grace = stop if stop is not None else threading.Event()
+            if old and not grace.wait(SWITCH_GRACE_SECONDS):
+                removed += self._remove_own_generation(old)
             return ReplayResult(
                 projection=name,
                 source=chosen,
@@ -421,7 +440,7 @@ class Replayer:
             if not switched and new:
                 # Best effort; the next replay removes whatever is left.
                 with contextlib.suppress(redis.RedisError):
-                    self._remove_generations({old} if old else set())
+                    self._remove_own_generation(new)
             raise
         finally:
             keeper.done.set()
