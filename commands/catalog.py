@@ -61,6 +61,8 @@ def get_product(uow: UnitOfWork, product_id: uuid.UUID, *, for_update: bool = Fa
 
 
 def create_product(cmd: CreateProduct, uow: UnitOfWork) -> CommandResult:
+    if uow.session.get(Product, cmd.product_id) is not None:
+        raise Duplicate(f"product {cmd.product_id} already exists")
     if uow.session.scalar(select(Product.id).where(Product.sku == cmd.sku)) is not None:
         raise Duplicate(f"a product with SKU {cmd.sku!r} already exists")
     product = Product(
@@ -70,7 +72,9 @@ def create_product(cmd: CreateProduct, uow: UnitOfWork) -> CommandResult:
     try:
         uow.session.flush()
     except IntegrityError as exc:
-        # Two creates with the same SKU raced past the check above.
+        # Two creates raced past the checks above.
+        if "pk_products" in str(exc.orig):
+            raise Duplicate(f"product {cmd.product_id} already exists") from exc
         raise Duplicate(f"a product with SKU {cmd.sku!r} already exists") from exc
     uow.record(
         "product",

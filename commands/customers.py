@@ -40,6 +40,8 @@ def get_customer(uow: UnitOfWork, customer_id: uuid.UUID, *, for_share: bool = F
 
 def register_customer(cmd: RegisterCustomer, uow: UnitOfWork) -> CommandResult:
     email = str(cmd.email)
+    if uow.session.get(Customer, cmd.customer_id) is not None:
+        raise Duplicate(f"customer {cmd.customer_id} already exists")
     taken = uow.session.scalar(
         select(Customer.id).where(func.lower(Customer.email) == email.lower())
     )
@@ -50,6 +52,8 @@ def register_customer(cmd: RegisterCustomer, uow: UnitOfWork) -> CommandResult:
     try:
         uow.session.flush()
     except IntegrityError as exc:
+        if "pk_customers" in str(exc.orig):
+            raise Duplicate(f"customer {cmd.customer_id} already exists") from exc
         raise Duplicate(f"a customer with email {email!r} already exists") from exc
     uow.record(
         "customer", customer.id, customer.version, CustomerRegistered(email=email, name=cmd.name)

@@ -13,12 +13,13 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import selectinload
 
 from commands.catalog import Command
 from commands.customers import get_customer
 from commands.db import MAX_ORDER_LINES, Order, OrderLineRow, Product
-from commands.errors import InsufficientStock, InvalidTransition, NotFound
+from commands.errors import Duplicate, InsufficientStock, InvalidTransition, NotFound
 from commands.fields import Quantity
 from commands.results import CommandResult
 from commands.uow import UnitOfWork
@@ -75,6 +76,8 @@ def _lock_products(uow: UnitOfWork, ids: list[uuid.UUID]) -> dict[uuid.UUID, Pro
 def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> CommandResult:
     # FOR SHARE: a concurrent rename waits for this order to commit, so the name captured
     # here is the one the event log orders before the rename.
+    if uow.session.get(Order, cmd.order_id) is not None:
+        raise Duplicate(f"order {cmd.order_id} already exists")
     customer = get_customer(uow, cmd.customer_id, for_share=True)
     products = _lock_products(uow, [i.product_id for i in cmd.items])
     now = datetime.now(UTC)
@@ -114,7 +117,10 @@ def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> CommandResult:
         for n, line in enumerate(lines, start=1)
     ]
     uow.session.add(order)
-    uow.session.flush()
+    try:
+        uow.session.flush()
+    except IntegrityError as exc:  # the same order id raced past the check above
+        raise Duplicate(f"order {cmd.order_id} already exists") from exc
     uow.record(
         "order",
         order.id,

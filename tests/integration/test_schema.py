@@ -61,3 +61,30 @@ def test_parallel_upgrades_of_a_fresh_database_apply_each_step_once(backend: Bac
         engine.dispose()
         with psycopg.connect(admin, autocommit=True) as conn:
             conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def test_reused_ids_are_rejected_as_duplicates(wiring: Wiring) -> None:
+    import uuid
+
+    import pytest
+
+    from commands.catalog import CreateProduct
+    from commands.customers import RegisterCustomer
+    from commands.db import make_session_factory
+    from commands.errors import Duplicate
+    from commands.handlers import execute
+    from commands.orders import PlaceOrder
+
+    sf = make_session_factory(wiring.engine)
+    pid, cid, oid = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()
+    execute(CreateProduct(sku="ID-1", name="A", price="1.00", stock=5, product_id=pid), sf)
+    execute(RegisterCustomer(email="id@example.com", name="C", customer_id=cid), sf)
+    execute(PlaceOrder(customer_id=cid, items=[{"product_id": pid, "qty": 1}], order_id=oid), sf)
+    with pytest.raises(Duplicate, match=f"product {pid} already exists"):
+        execute(CreateProduct(sku="ID-2", name="B", price="1.00", product_id=pid), sf)
+    with pytest.raises(Duplicate, match=f"customer {cid} already exists"):
+        execute(RegisterCustomer(email="other@example.com", name="D", customer_id=cid), sf)
+    with pytest.raises(Duplicate, match=f"order {oid} already exists"):
+        execute(
+            PlaceOrder(customer_id=cid, items=[{"product_id": pid, "qty": 1}], order_id=oid), sf
+        )
