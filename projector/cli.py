@@ -50,11 +50,11 @@ def project_command(
     drain: bool = typer.Option(False, "--drain", help="Exit once everything is applied."),
 ) -> None:
     """Run projections in this process until SIGTERM/SIGINT (a second signal exits at once)."""
+    stop = threading.Event()
+    install_stop_handlers(stop)  # first: a SIGTERM during start-up is still a clean stop
     configure_logging()
     projections = select_projections(projection)
     wiring = Wiring(load_settings())
-    stop = threading.Event()
-    install_stop_handlers(stop)
     try:
         worker = Worker(
             wiring.redis,
