@@ -47,7 +47,8 @@ def view_snapshot(wiring: Wiring) -> dict[str, object]:
     """Every view key of the namespace with its full content (streams and leases excluded)."""
     snapshot: dict[str, object] = {}
     for projection in PROJECTIONS:
-        pattern = wiring.keys.views(projection, 1).pattern()
+        generation = live_generation(wiring.redis, wiring.keys, projection)
+        pattern = wiring.keys.views(projection, generation).pattern()
         for key in wiring.redis.scan_iter(match=pattern, count=1000):
             kind = wiring.redis.type(key)
             if kind == "hash":
