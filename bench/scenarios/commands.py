@@ -1,0 +1,149 @@
+"""Commands: commands/s through the real handlers, 1 and 8 concurrent writers.
+
+The mix is the issue's: product create and order place, alternating (orders of 1-3 lines
+over a pool of products with ample stock, so nothing is refused). Each command is one
+`commands.handlers.execute` call: validation, one PostgreSQL transaction with the
+optimistic version check, event log + outbox rows, NOTIFY, commit. Writers are threads
+sharing one engine, as a web service would. The ceiling is a raw psycopg transaction
+inserting one row and one log row, on as many connections.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+import uuid
+
+from bench import ceilings
+from bench.scenarios import Context
+from bench.stats import Figure, Row
+from commands.catalog import CreateProduct
+from commands.customers import RegisterCustomer
+from commands.db import make_session_factory
+from commands.handlers import execute
+from commands.orders import OrderItem, PlaceOrder
+from commands.results import CommandResult
+from cqrs.wiring import make_engine
+
+
+class Shop:
+    """The products and customers the measured commands refer to."""
+
+    def __init__(
+        self,
+        session_factory: object,
+        products: list[uuid.UUID] | None = None,
+        customers: list[uuid.UUID] | None = None,
+        tag: str = "",
+    ) -> None:
+        self.session_factory = session_factory
+        self.products = list(products or [])
+        self.customers = list(customers or [])
+        self.tag = tag or uuid.uuid4().hex[:6]
+        self.serial = 0
+        self.lock = threading.Lock()
+
+    @classmethod
+    def create(cls, session_factory: object, products: int, customers: int) -> Shop:
+        shop = cls(session_factory)
+        for _ in range(products):
+            shop.products.append(shop.create_product().id)
+        for n in range(customers):
+            shop.customers.append(
+                execute(
+                    RegisterCustomer(email=f"bench{n}@example.com", name=f"Bench Customer {n}"),
+                    session_factory,
+                ).id
+            )
+        return shop
+
+    def create_product(self) -> CommandResult:
+        with self.lock:
+            self.serial += 1
+            n = self.serial
+        return execute(
+            CreateProduct(
+                sku=f"BENCH-{self.tag}-{n}", name=f"Bench Widget {n}", price="12.50", stock=10**6
+            ),
+            self.session_factory,
+        )
+
+    def place_order(self, rng: random.Random) -> CommandResult:
+        picked = rng.sample(self.products, rng.randint(1, 3))
+        items = [OrderItem(product_id=p, qty=rng.randint(1, 3)) for p in picked]
+        return execute(
+            PlaceOrder(customer_id=rng.choice(self.customers), items=items), self.session_factory
+        )
+
+    def command(self, rng: random.Random, n: int) -> CommandResult:
+        """The n-th command of the mix: even create a product, odd place an order."""
+        return self.create_product() if n % 2 == 0 else self.place_order(rng)
+
+
+def run_mix(shop: Shop, total: int, writers: int) -> float:
+    """Commands per second for `total` commands over `writers` threads."""
+    tickets = iter(range(total))
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def write(seed: int) -> None:
+        rng = random.Random(seed)
+        try:
+            while True:
+                with lock:
+                    n = next(tickets, None)
+                if n is None:
+                    return
+                shop.command(rng, n)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write, args=(i,)) for i in range(writers)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    if errors:
+        raise errors[0]
+    return total / (time.perf_counter() - started)
+
+
+def run(ctx: Context) -> list[Row]:
+    rows = []
+    with ctx.backend.scope("commands") as settings:
+        engine = make_engine(settings.database_url or "", pool_size=10)
+        try:
+            shop = Shop.create(
+                make_session_factory(engine),
+                products=ctx.size(20, 300),
+                customers=ctx.size(10, 100),
+            )
+            for writers in (1, 8):
+                total = ctx.size(40, 1500) * (1 if writers == 1 else 2)
+                project, ceiling = [], []
+                for rep in range(ctx.repeat):
+                    project.append(run_mix(shop, total, writers))
+                    ceiling.append(
+                        ceilings.raw_transactions(settings.database_url or "", total, writers)
+                    )
+                    ctx.say(
+                        f"  commands, {writers} writer(s), rep {rep + 1}: "
+                        f"{project[-1]:.0f}/s vs raw {ceiling[-1]:.0f}/s"
+                    )
+                rows.append(
+                    Row(
+                        "commands",
+                        f"{writers} writer{'s' if writers > 1 else ''}",
+                        "commands/s",
+                        Figure.of(project),
+                        Figure.of(ceiling),
+                        f"raw psycopg tx (1 row + 1 log row), {writers} conn",
+                        target=0.7 if writers == 1 else 0.6,
+                        extra={"commands": total, "mix": "create product / place order 1:1"},
+                    )
+                )
+        finally:
+            engine.dispose()
+    return rows

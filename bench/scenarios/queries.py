@@ -1,0 +1,233 @@
+"""Queries: get-by-id latency (p50/p99) and keys/s, Python API and HTTP API.
+
+Views come from a synthetic history projected by the real worker. The Python API is
+`queries.QueryService.get_product` / `get_order` (one pipeline: live generation + HGETALL,
+then the pydantic view); its ceiling is a raw HGETALL of the same key with redis-py. The
+HTTP API is `cqrs serve` (FastAPI under uvicorn) asked by one keep-alive httpx client;
+its ceiling is a bare ASGI app under the same uvicorn answering one HGETALL as JSON
+(bench.rawhttp). keys/s is sequential: one client, one request at a time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+
+from bench.history import History, xadd_history
+from bench.scenarios import Context
+from bench.scenarios.projection import prepare_live
+from bench.stats import Figure, Row, percentile
+from cqrs.keys import KeyMap
+from cqrs.settings import Settings
+from cqrs.wiring import make_redis
+from projector.registry import PROJECTIONS
+from projector.worker import Worker
+from queries.service import QueryService
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def server(args: list[str], env: dict[str, str], port: int) -> Iterator[str]:
+    """A uvicorn subprocess on a loopback port; yields its base URL once it answers."""
+    proc = subprocess.Popen(
+        [sys.executable, *args],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                if httpx.get(f"{base}/healthz", timeout=1).status_code < 500:
+                    break
+            except httpx.HTTPError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"server {args} did not start: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
+            time.sleep(0.1)
+        yield base
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(5)
+
+
+def timed(call: Callable[[Any], Any], ids: list[Any], n: int) -> tuple[list[float], float]:
+    """Per-call latencies (seconds) of n sequential calls cycling over ids, and calls/s."""
+    for i in ids[: min(len(ids), 50)]:  # warm connections and caches
+        call(i)
+    samples = []
+    started = time.perf_counter()
+    for k in range(n):
+        ident = ids[k % len(ids)]
+        t = time.perf_counter()
+        call(ident)
+        samples.append(time.perf_counter() - t)
+    return samples, n / (time.perf_counter() - started)
+
+
+def build_views(settings: Settings, n_events: int) -> History:
+    client = make_redis(settings.redis_url or "", settings)
+    keys = KeyMap(settings.namespace)
+    history = History(partitions=settings.partitions)
+    xadd_history(client, keys, list(history.events(n_events)), partitions=settings.partitions)
+    prepare_live(client, keys, ["bench-queries"], settings.partitions)
+    worker = Worker(client, settings, list(PROJECTIONS.values()), consumer="bench-queries")
+    worker.run(threading.Event(), drain=True)
+    client.close()
+    return history
+
+
+def run(ctx: Context) -> list[Row]:
+    n_calls = ctx.size(300, 20_000)
+    results: dict[str, list[float]] = {}
+
+    def add(name: str, value: float) -> None:
+        results.setdefault(name, []).append(value)
+
+    with ctx.backend.scope("queries") as settings:
+        history = build_views(settings, ctx.size(2_000, 20_000))
+        keys = KeyMap(settings.namespace)
+        client = make_redis(settings.redis_url or "", settings)
+        service = QueryService(make_redis(settings.redis_url or "", settings), keys)
+        views = {name: keys.views(name, 1) for name in PROJECTIONS}
+        ids = {
+            "product": [p.id for p in history.products],
+            "order": history.orders[: max(len(history.orders), 1)],
+        }
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("CQRS_", "BENCH_"))}
+        api_port, raw_port = free_port(), free_port()
+        api_env = {
+            **env,
+            "CQRS_REDIS_URL": settings.redis_url or "",
+            "CQRS_NAMESPACE": settings.namespace,
+        }
+        raw_env = {
+            **env,
+            "BENCH_RAW_REDIS_URL": settings.redis_url or "",
+            "BENCH_RAW_PREFIX": views["orders"].prefix,
+        }
+        api_args = ["-m", "cqrs.cli", "serve", "--port", str(api_port)]
+        raw_args = ["-m", "uvicorn", "bench.rawhttp:app", "--port", str(raw_port)]
+        raw_args += ["--host", "127.0.0.1", "--log-level", "warning"]
+        with (
+            server(api_args, api_env, api_port) as api,
+            server(raw_args, raw_env, raw_port) as raw,
+            httpx.Client(base_url=api) as api_http,
+            httpx.Client(base_url=raw) as raw_http,
+        ):
+            for rep in range(ctx.repeat):
+                for kind, get in (("product", service.get_product), ("order", service.get_order)):
+                    view_key = (
+                        views["products"].product if kind == "product" else views["orders"].order
+                    )
+                    samples, rate = timed(get, ids[kind], n_calls)
+                    add(f"py-{kind}-p50", percentile(samples, 50))
+                    add(f"py-{kind}-p99", percentile(samples, 99))
+                    add(f"py-{kind}-rate", rate)
+                    samples, rate = timed(
+                        lambda i, vk=view_key: client.hgetall(vk(i)), ids[kind], n_calls
+                    )
+                    add(f"raw-{kind}-p50", percentile(samples, 50))
+                    add(f"raw-{kind}-p99", percentile(samples, 99))
+                    add(f"raw-{kind}-rate", rate)
+                samples, rate = timed(
+                    lambda i: api_http.get(f"/orders/{i}").raise_for_status(), ids["order"], n_calls
+                )
+                add("http-p50", percentile(samples, 50))
+                add("http-p99", percentile(samples, 99))
+                add("http-rate", rate)
+                samples, rate = timed(
+                    lambda i: raw_http.get(f"/orders/{i}").raise_for_status(), ids["order"], n_calls
+                )
+                add("rawhttp-p50", percentile(samples, 50))
+                add("rawhttp-p99", percentile(samples, 99))
+                add("rawhttp-rate", rate)
+                ctx.say(
+                    f"  queries rep {rep + 1}: order p99 {results['py-order-p99'][-1] * 1e6:.0f}us "
+                    f"vs HGETALL {results['raw-order-p99'][-1] * 1e6:.0f}us; HTTP p99 "
+                    f"{results['http-p99'][-1] * 1e6:.0f}us vs bare ASGI "
+                    f"{results['rawhttp-p99'][-1] * 1e6:.0f}us"
+                )
+        client.close()
+        service.redis.close()
+
+    def us(name: str) -> Figure:
+        return Figure.of([v * 1e6 for v in results[name]])
+
+    def fig(name: str) -> Figure:
+        return Figure.of(results[name])
+
+    size = {"calls": n_calls, "products": len(ids["product"]), "orders": len(ids["order"])}
+    rows = []
+    for kind in ("product", "order"):
+        for q, target in (("p50", None), ("p99", 1.3)):
+            rows.append(
+                Row(
+                    "queries",
+                    f"get {kind} {q}, Python API",
+                    "us",
+                    us(f"py-{kind}-{q}"),
+                    us(f"raw-{kind}-{q}"),
+                    f"raw HGETALL {q}",
+                    better="lower",
+                    target=target,
+                    extra=size,
+                )
+            )
+        rows.append(
+            Row(
+                "queries",
+                f"get {kind} keys/s, Python API",
+                "keys/s",
+                fig(f"py-{kind}-rate"),
+                fig(f"raw-{kind}-rate"),
+                "raw HGETALL, sequential",
+                extra=size,
+            )
+        )
+    for q in ("p50", "p99"):
+        rows.append(
+            Row(
+                "queries",
+                f"get order {q}, HTTP API",
+                "us",
+                us(f"http-{q}"),
+                us(f"rawhttp-{q}"),
+                f"bare ASGI + HGETALL {q} (raw HGETALL {q}: {us(f'raw-order-{q}').median:.0f} us)",
+                better="lower",
+                extra=size,
+            )
+        )
+    rows.append(
+        Row(
+            "queries",
+            "get order keys/s, HTTP API",
+            "keys/s",
+            fig("http-rate"),
+            fig("rawhttp-rate"),
+            "bare ASGI + HGETALL, sequential",
+            extra=size,
+        )
+    )
+    return rows

@@ -1,0 +1,124 @@
+"""`python -m bench --quick` runs every scenario end to end, so the benchmarks cannot rot.
+
+Nothing here looks at a time or a rate: benchmarks print figures, they never fail a
+test on speed. The run must finish, report every scenario's rows with a ratio against
+its ceiling measured in the same run, and leave nothing behind (its scratch database is
+dropped and its Redis namespaces deleted).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psycopg
+import redis
+
+from cqrs.urls import libpq_url
+from tests.conftest import REPO, Backend
+
+EXPECTED = {
+    "commands": {"1 writer", "8 writers"},
+    "relay": {"outbox -> streams"},
+    "projection": {
+        "1 worker",
+        "1 worker vs Lua batch",
+        "2 workers",
+        "2 workers vs 2-process loop",
+    },
+    "e2e": {
+        f"{variant} @{rate}/s p{q}"
+        for variant in ("relay woken by NOTIFY", "publish after commit + relay")
+        for rate in (200, 500)
+        for q in (50, 95, 99)
+    },
+    "queries": {
+        "get product p50, Python API",
+        "get product p99, Python API",
+        "get product keys/s, Python API",
+        "get order p50, Python API",
+        "get order p99, Python API",
+        "get order keys/s, Python API",
+        "get order p50, HTTP API",
+        "get order p99, HTTP API",
+        "get order keys/s, HTTP API",
+    },
+    "rebuild": {
+        "from stream",
+        "from log",
+        "from stream vs live projection",
+        "from log vs live projection",
+    },
+    "memory": {
+        "product view",
+        "order view",
+        "order view vs listpack-sized fields",
+        "stream entry",
+        "worker RSS",
+    },
+}
+
+
+def _bench_databases(server_url: str) -> set[str]:
+    with psycopg.connect(libpq_url(server_url), autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT datname FROM pg_database WHERE datname LIKE 'cqrs_bench_%'"
+        ).fetchall()
+    return {r[0] for r in rows}
+
+
+def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRS_")}
+    env.update(
+        CQRS_DATABASE_URL=backend.database_url,
+        CQRS_REDIS_URL=backend.redis_url,
+        CQRS_HOME=str(tmp_path / "home"),
+    )
+    out = tmp_path / "bench.json"
+    result = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+
+    report = json.loads(out.read_text())
+    assert report["quick"] is True
+    assert report["machine"]["cores"] >= 1
+    assert report["machine"]["redis_version"] and report["machine"]["postgresql_version"]
+    rows = report["rows"]
+    found: dict[str, set[str]] = {}
+    for row in rows:
+        found.setdefault(row["scenario"], set()).add(row["name"])
+        assert math.isfinite(row["ratio"]) and row["ratio"] > 0, row
+        for side in ("project", "ceiling"):
+            figure = row[side]
+            assert figure["min"] <= figure["median"] <= figure["max"], row
+        assert row["ceiling"]["name"], row
+    assert found == EXPECTED
+
+    # The table on stdout has the same rows, each with its ratio.
+    for row in rows:
+        line = next(
+            line
+            for line in result.stdout.splitlines()
+            if f"| {row['scenario']} | {row['name']} |" in line
+        )
+        assert f"{row['ratio']:.2f}x" in line
+
+    # Nothing left behind: the scratch database is dropped, the namespaces are empty.
+    assert report["scratch"]["database"] not in _bench_databases(backend.database_url)
+    client = redis.Redis.from_url(backend.redis_url)
+    try:
+        pattern = f"{report['scratch']['namespace_prefix']}*"
+        assert list(client.scan_iter(match=pattern, count=1000)) == []
+    finally:
+        client.close()
