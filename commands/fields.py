@@ -40,7 +40,9 @@ def _parse_money(value: object) -> Decimal:
         raise ValueError("must have at most 2 decimal places")
     if amount > MAX_PRICE:
         raise ValueError(f"must be at most {MAX_PRICE}")
-    return amount.quantize(Decimal("0.01"))
+    # abs(): "-0" passes the sign check above but would travel as "-0.00" into events and
+    # views while PostgreSQL stores 0.00, a difference `cqrs verify` would report forever.
+    return abs(amount.quantize(Decimal("0.01")))
 
 
 Name = Annotated[str, Field(min_length=1, max_length=MAX_NAME), AfterValidator(_clean_text)]
