@@ -7,8 +7,10 @@ shared package stays independent of commands/projector/queries.
 
 from __future__ import annotations
 
+import logging
 import sys
 from importlib.metadata import entry_points
+from typing import Any
 
 import typer
 from pydantic import ValidationError
@@ -26,6 +28,39 @@ app = typer.Typer(
 )
 
 
+_LOG_FORMATS = ("text", "json")
+_LOG_LEVELS = ("debug", "info", "warning", "error")
+
+
+@app.callback()
+def root(
+    log_format: str = typer.Option(
+        None,
+        "--log-format",
+        envvar="CQRS_LOG_FORMAT",
+        help="Log lines as 'text' or 'json' (one object per line) on stderr.",
+    ),
+    log_level: str = typer.Option(
+        None,
+        "--log-level",
+        envvar="CQRS_LOG_LEVEL",
+        help="debug, info, warning or error (default: info for relay/project/run/serve, "
+        "warning otherwise).",
+    ),
+) -> None:
+    """CQRS read models on PostgreSQL and Redis Streams."""
+    from cqrs.logs import configure_logging, set_cli_options
+
+    if log_format is not None and log_format.lower() not in _LOG_FORMATS:
+        fail(f"invalid --log-format {log_format!r}: use text or json", EXIT_USAGE)
+    if log_level is not None and log_level.lower() not in _LOG_LEVELS:
+        fail(f"invalid --log-level {log_level!r}: use {', '.join(_LOG_LEVELS)}", EXIT_USAGE)
+    set_cli_options(
+        log_format.lower() if log_format else None, log_level.upper() if log_level else None
+    )
+    configure_logging(logging.WARNING)
+
+
 def load_settings() -> Settings:
     """Settings from the environment; a broken value is a one-line error, exit 2."""
     try:
@@ -34,6 +69,29 @@ def load_settings() -> Settings:
         first = exc.errors()[0]
         name = "CQRS_" + str(first["loc"][0]).upper() if first["loc"] else "settings"
         fail(f"invalid {name}: {first['msg'].removeprefix('Value error, ')}", EXIT_USAGE)
+
+
+def metrics_port_option() -> Any:
+    """`--metrics-port` for the long-running commands; unset = `CQRS_METRICS_PORT`."""
+    return typer.Option(
+        None,
+        "--metrics-port",
+        min=0,
+        max=65535,
+        help="Serve Prometheus metrics on this port (0 = off; default CQRS_METRICS_PORT, off).",
+    )
+
+
+def start_metrics_or_fail(settings: Settings, port: int | None) -> Any:
+    """The process's `cqrs.metrics.Metrics`, or None when metrics are off; a port that
+    cannot be bound is a one-line error."""
+    from cqrs.metrics import start_metrics
+
+    port = settings.metrics_port if port is None else port
+    try:
+        return start_metrics(port, settings.metrics_host)
+    except OSError as exc:
+        fail(f"cannot serve metrics on {settings.metrics_host}:{port}: {exc.strerror or exc}")
 
 
 @app.command()

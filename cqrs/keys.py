@@ -51,6 +51,11 @@ class KeyMap:
     def workers(self, projection: str) -> str:
         return f"{self.ns}:workers:{projection}"
 
+    def progress(self, projection: str) -> str:
+        """Hash: position (event log) and time (ms) of the last batch a worker acknowledged
+        for the projection, written after every acknowledged batch (for `cqrs status`)."""
+        return f"{self.ns}:progress:{projection}"
+
     def generation(self, projection: str) -> str:
         """The live generation number (queries read it with every view)."""
         return f"{self.ns}:gen:{projection}"

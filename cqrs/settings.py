@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -55,6 +56,24 @@ class Settings(BaseSettings):
     projector_max_deliveries: int = Field(default=5, ge=1)
 
     redis_socket_timeout: float = Field(default=10.0, gt=0)
+
+    # Operations (docs/operations.md).
+    stall_seconds: float = Field(
+        default=30.0,
+        gt=0,
+        description="`cqrs status` calls a projection stalled when it has work waiting and "
+        "no worker heartbeat or no progress for this long",
+    )
+    metrics_port: int = Field(
+        default=0, ge=0, le=65535, description="Prometheus metrics port (0 = off)"
+    )
+    metrics_host: str = Field(
+        default="127.0.0.1", description="address the metrics endpoint listens on"
+    )
+    log_format: Literal["text", "json"] = Field(default="text", description="text or json lines")
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
+        default=None, description="unset: INFO for long-running commands, WARNING for others"
+    )
     embedded_user: str | None = Field(
         default=None, description="OS user that runs embedded PostgreSQL when we are root"
     )
@@ -64,6 +83,14 @@ class Settings(BaseSettings):
     def _check_namespace(cls, value: str) -> str:
         if not _NAMESPACE_RE.match(value):
             raise ValueError("namespace must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("log_format", "log_level", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip()
+            return (value.lower() if value.lower() in ("text", "json") else value.upper()) or None
         return value
 
     @field_validator("database_url")

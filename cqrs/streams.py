@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import redis
 
 from cqrs.keys import KeyMap
@@ -22,9 +24,27 @@ def parse_entry_id(entry_id: str | bytes) -> tuple[int, int]:
     return int(ms), int(seq or 0)
 
 
-def group_lag(client: redis.Redis, keys: KeyMap, group: str, partitions: int) -> dict[str, int]:
-    """Entries of `group` not yet delivered ("lag") and delivered but unacknowledged
-    ("pending"), summed over the partition streams.
+@dataclass
+class PartitionGroup:
+    """One consumer group on one partition stream (or the stream alone, when the group
+    does not exist there yet: then everything in the stream is lag)."""
+
+    partition: int
+    exists: bool  # the stream exists
+    length: int = 0
+    lag: int = 0  # entries not yet delivered to the group
+    pending: int = 0  # delivered, not yet acknowledged
+    has_group: bool = False
+    last_delivered_id: str | None = None
+    first_entry_id: str | None = None
+    entries_added: int | None = None
+
+
+def partition_groups(
+    client: redis.Redis, keys: KeyMap, group: str, partitions: int
+) -> list[PartitionGroup]:
+    """`group` on every partition stream, in one pipelined round trip (plus one XRANGE per
+    partition in the rare case the lag cannot be read or computed).
 
     XINFO GROUPS reports `lag` as nil after deletions or trims (redis/redis#13957); then
     it is computed from the stream's entries-added minus the group's entries-read, and
@@ -35,21 +55,41 @@ def group_lag(client: redis.Redis, keys: KeyMap, group: str, partitions: int) ->
         pipe.xinfo_groups(keys.stream(partition))
         pipe.xinfo_stream(keys.stream(partition))
     results = pipe.execute(raise_on_error=False)
-    lag = pending = 0
+    found_all: list[PartitionGroup] = []
     for partition in range(partitions):
         groups, info = results[2 * partition], results[2 * partition + 1]
         if isinstance(groups, Exception) or isinstance(info, Exception):
-            continue  # no stream yet
+            found_all.append(PartitionGroup(partition, exists=False))  # no stream yet
+            continue
+        first = info.get("first-entry")
+        added = info.get("entries-added")
+        row = PartitionGroup(
+            partition,
+            exists=True,
+            length=int(info["length"]),
+            first_entry_id=first[0] if first else None,
+            entries_added=None if added is None else int(added),
+        )
+        found_all.append(row)
         found = next((g for g in groups if g["name"] == group), None)
         if found is None:
-            lag += int(info["length"])
+            row.lag = row.length
             continue
-        pending += int(found["pending"])
+        row.has_group = True
+        row.pending = int(found["pending"])
+        row.last_delivered_id = found["last-delivered-id"]
         if found.get("lag") is not None:
-            lag += int(found["lag"])
-        elif found.get("entries-read") is not None and info.get("entries-added") is not None:
-            lag += max(int(info["entries-added"]) - int(found["entries-read"]), 0)
+            row.lag = int(found["lag"])
+        elif found.get("entries-read") is not None and added is not None:
+            row.lag = max(int(added) - int(found["entries-read"]), 0)
         else:
             after = f"({found['last-delivered-id']}"
-            lag += len(client.xrange(keys.stream(partition), after, "+"))
-    return {"lag": lag, "pending": pending}
+            row.lag = len(client.xrange(keys.stream(partition), after, "+"))
+    return found_all
+
+
+def group_lag(client: redis.Redis, keys: KeyMap, group: str, partitions: int) -> dict[str, int]:
+    """Entries of `group` not yet delivered ("lag") and delivered but unacknowledged
+    ("pending"), summed over the partition streams (see `partition_groups`)."""
+    rows = partition_groups(client, keys, group, partitions)
+    return {"lag": sum(r.lag for r in rows), "pending": sum(r.pending for r in rows)}
