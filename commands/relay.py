@@ -30,6 +30,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import datetime
+from typing import Protocol
 
 import psycopg
 import redis
@@ -54,6 +55,14 @@ _SELECT_BATCH = f"""
 """
 
 
+class RelayMetrics(Protocol):
+    """What the relay reports to, once per pass (`cqrs.metrics.Metrics` implements it)."""
+
+    def relayed(self, count: int, seconds: float) -> None: ...
+
+    def reconnected(self, component: str) -> None: ...
+
+
 class Relay:
     def __init__(self, database_url: str, client: redis.Redis, settings: Settings) -> None:
         self.database_url = database_url
@@ -63,6 +72,7 @@ class Relay:
         self._partitions: int | None = None
         self._last_trim = 0.0
         self.published = 0
+        self.metrics: RelayMetrics | None = None  # instrumentation; None = metrics off
 
     def _connect(self) -> psycopg.Connection:
         return psycopg.connect(libpq_url(self.database_url), autocommit=True)
@@ -76,6 +86,7 @@ class Relay:
     def publish_batch(self, conn: psycopg.Connection, limit: int | None = None) -> int:
         """One pass: publish up to `limit` visible unpublished events; returns how many."""
         limit = limit or self.settings.relay_batch_size
+        started = time.perf_counter()
         with conn.transaction():
             rows = conn.execute(_SELECT_BATCH, (limit,)).fetchall()
             if not rows:
@@ -92,6 +103,16 @@ class Relay:
                 "DELETE FROM events.outbox WHERE position = ANY(%s)", ([r[0] for r in rows],)
             )
         self.published += len(rows)
+        seconds = time.perf_counter() - started
+        if self.metrics is not None:
+            self.metrics.relayed(len(rows), seconds)
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "relay: published %d event(s) in %.1f ms",
+                len(rows),
+                seconds * 1000,
+                extra={"events": len(rows), "first_position": rows[0][0], "seconds": seconds},
+            )
         return len(rows)
 
     def mark_origin(self, conn: psycopg.Connection) -> None:
@@ -170,6 +191,8 @@ class Relay:
                 log.warning(
                     "relay: connection lost (%s); retrying in %.1fs", mask_url(str(exc)), backoff
                 )
+                if self.metrics is not None:
+                    self.metrics.reconnected("relay")
                 stop.wait(backoff)
                 backoff = min(backoff * 2, 5.0)
 

@@ -29,7 +29,7 @@ import time
 import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 import redis
@@ -48,6 +48,18 @@ log = logging.getLogger(__name__)
 
 RETRY_IDLE_MS = 200
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
+
+
+class WorkerMetrics(Protocol):
+    """What the worker reports to, once per batch (`cqrs.metrics.Metrics` implements it)."""
+
+    def projected(
+        self, applied: dict[tuple[str, str], int], failed: dict[str, int], seconds: float
+    ) -> None: ...
+
+    def dead_lettered(self, projection: str, count: int) -> None: ...
+
+    def reconnected(self, component: str) -> None: ...
 
 
 @dataclass
@@ -107,6 +119,11 @@ class Worker:
         self._pubsub: redis.client.PubSub | None = None
         # Last error per pending entry, carried into its dead letter.
         self._last_errors: dict[tuple[str, str, str], str] = {}
+        # Instrumentation: None = metrics off (the hot path then only skips a branch).
+        self.metrics: WorkerMetrics | None = None
+        self._batch_applied: dict[tuple[str, str], int] = {}
+        self._batch_failed: dict[str, int] = {}
+        self._log = {"consumer": self.consumer}
 
     # --- leases ------------------------------------------------------------------------
 
@@ -184,7 +201,16 @@ class Worker:
         results = pipe.execute()
         for slot, renewed in zip(slots, results[2 * len(self.projections) :], strict=True):
             if not renewed:
-                log.warning("lost lease on %s partition %d", slot.projection.name, slot.partition)
+                log.warning(
+                    "lost lease on %s partition %d",
+                    slot.projection.name,
+                    slot.partition,
+                    extra={
+                        **self._log,
+                        "projection": slot.projection.name,
+                        "partition": slot.partition,
+                    },
+                )
                 self.owned.pop((slot.projection.name, slot.partition), None)
 
         share = self._fair_share(drain)
@@ -213,7 +239,11 @@ class Worker:
             if name not in self.needs_build or name in self.rebuilding or stop.is_set():
                 continue
             if self.database_url is None:
-                log.error("%s has no views and no database is configured to build them", name)
+                log.error(
+                    "%s has no views and no database is configured to build them",
+                    name,
+                    extra={**self._log, "projection": name},
+                )
                 continue
             try:
                 # `needs_build` may be stale by now (another worker may have built it while
@@ -227,15 +257,27 @@ class Worker:
                     result.source,
                     result.events,
                     result.seconds,
+                    extra={**self._log, "projection": name, "events": result.events},
                 )
                 ran = True
             except AlreadyBuilt:
-                log.info("%s was built by another worker meanwhile", name)
+                log.info(
+                    "%s was built by another worker meanwhile",
+                    name,
+                    extra={**self._log, "projection": name},
+                )
                 ran = True  # refresh the status below
             except ReplayError as exc:
-                log.warning("could not build %s now: %s", name, exc)
+                log.warning(
+                    "could not build %s now: %s", name, exc, extra={**self._log, "projection": name}
+                )
             except psycopg.OperationalError as exc:
-                log.warning("could not build %s now (PostgreSQL): %s", name, exc)
+                log.warning(
+                    "could not build %s now (PostgreSQL): %s",
+                    name,
+                    exc,
+                    extra={**self._log, "projection": name},
+                )
         if ran:
             self.refresh_status()
         return ran
@@ -244,7 +286,12 @@ class Worker:
         stream = self.keys.stream(partition)
         self._ensure_group(stream, projection.name)
         self.owned[(projection.name, partition)] = Slot(projection, partition, stream, lease)
-        log.info("took %s partition %d", projection.name, partition)
+        log.info(
+            "took %s partition %d",
+            projection.name,
+            partition,
+            extra={**self._log, "projection": projection.name, "partition": partition},
+        )
 
     def _ensure_group(self, stream: str, group: str) -> None:
         # From the beginning of the stream, never "$": a new (or recreated) group must see
@@ -306,6 +353,7 @@ class Worker:
                     "recreating it from the start of the stream",
                     slot.projection.name,
                     slot.stream,
+                    extra={**self._log, "projection": slot.projection.name, "stream": slot.stream},
                 )
                 self._ensure_group(slot.stream, slot.projection.name)
                 slot.recovering = True
@@ -372,10 +420,20 @@ class Worker:
                 eid,
                 deliveries,
                 error,
+                extra={
+                    **self._log,
+                    "projection": slot.projection.name,
+                    "entry_id": eid,
+                    "event_id": fields.get("event_id"),
+                    "event_type": fields.get("type"),
+                    "deliveries": deliveries,
+                },
             )
         pipe.execute()
         self.redis.xack(slot.stream, slot.projection.name, *ids)
         self.stats.dead_lettered += len(ids)
+        if self.metrics is not None:
+            self.metrics.dead_lettered(slot.projection.name, len(ids))
 
     # --- applying ----------------------------------------------------------------------
 
@@ -413,48 +471,121 @@ class Worker:
     def process(self, entries: list[Entry]) -> None:
         per_event: list[list[Step]] = []
         errors: list[str | None] = []
+        handled: list[bool] = []  # instrumentation: the projection handles the event type
         for entry in entries:
             if entry.fields is None:
                 per_event.append([])
                 errors.append(None)  # trimmed while pending: nothing left to apply
+                handled.append(False)
                 continue
             try:
                 steps = self.steps_for(entry.slot.projection, entry.fields)
             except EventError as exc:
                 per_event.append([])
                 errors.append(str(exc))
+                handled.append(False)
                 continue
             except Exception as exc:  # a handler bug must not stop the projection
                 per_event.append([])
                 errors.append(f"{type(exc).__name__}: {exc}")
+                handled.append(False)
                 continue
             if steps is None:
                 self.stats.skipped += 1
             per_event.append(steps or [])
             errors.append(None)
+            handled.append(steps is not None)
         outcome = run_steps(self.redis, self.scripts, per_event)
         self.stats.applied += outcome.applied
         self.stats.duplicates += outcome.duplicates
         acks: dict[tuple[str, str], list[str]] = {}
-        for entry, parse_error, step_error in zip(entries, errors, outcome.errors, strict=True):
+        # Instrumentation: the last acknowledged entry per slot (for the progress record)
+        # and, with metrics on, counts per (projection, event type).
+        last_acked: dict[tuple[str, str], Entry] = {}
+        counting = self.metrics is not None
+        applied_counts: dict[tuple[str, str], int] = {}
+        failed_counts: dict[str, int] = {}
+        for entry, parse_error, step_error, is_handled in zip(
+            entries, errors, outcome.errors, handled, strict=True
+        ):
             error = parse_error or step_error
             slot = entry.slot
             if error is None:
                 acks.setdefault((slot.stream, slot.projection.name), []).append(entry.entry_id)
                 self._last_errors.pop((slot.projection.name, slot.stream, entry.entry_id), None)
+                if entry.fields is not None:
+                    last_acked[(slot.projection.name, slot.stream)] = entry
+                    if counting and is_handled:
+                        key = (slot.projection.name, entry.fields.get("type", "?"))
+                        applied_counts[key] = applied_counts.get(key, 0) + 1
             else:
                 self.stats.failed += 1
                 slot.retry_due = True
                 self._last_errors[(slot.projection.name, slot.stream, entry.entry_id)] = error
-                log.warning("%s %s failed: %s", slot.projection.name, entry.entry_id, error)
+                if counting:
+                    name = slot.projection.name
+                    failed_counts[name] = failed_counts.get(name, 0) + 1
+                fields = entry.fields or {}
+                log.warning(
+                    "%s %s failed: %s",
+                    slot.projection.name,
+                    entry.entry_id,
+                    error,
+                    extra={
+                        **self._log,
+                        "projection": slot.projection.name,
+                        "entry_id": entry.entry_id,
+                        "event_id": fields.get("event_id"),
+                        "event_type": fields.get("type"),
+                    },
+                )
         pipe = self.redis.pipeline(transaction=False)
         for (stream, group), ids in acks.items():
             pipe.xack(stream, group, *ids)
             self.stats.acked += len(ids)
         if acks:
             pipe.publish(self.keys.applied_channel(), len(entries))
+            self._record_progress(pipe, last_acked)
         pipe.execute()
         self.stats.batches += 1
+        self._batch_applied, self._batch_failed = applied_counts, failed_counts
+        if log.isEnabledFor(logging.DEBUG):
+            log.debug(
+                "batch of %d: %d applied, %d duplicates, %d acknowledged",
+                len(entries),
+                outcome.applied,
+                outcome.duplicates,
+                sum(len(ids) for ids in acks.values()),
+                extra={
+                    **self._log,
+                    "entries": len(entries),
+                    "applied": outcome.applied,
+                    "duplicates": outcome.duplicates,
+                    "failed": len(entries) - sum(len(ids) for ids in acks.values()),
+                    "projections": sorted({name for _stream, name in acks}),
+                },
+            )
+
+    def _record_progress(
+        self, pipe: redis.client.Pipeline, last_acked: dict[tuple[str, str], Entry]
+    ) -> None:
+        """Instrumentation for `cqrs status`: per projection, the event-log position of the
+        latest entry this batch acknowledged and when. Several workers write the same hash,
+        so it says "some worker made progress at `at_ms`"; the position is indicative."""
+        now_ms = int(time.time() * 1000)
+        best: dict[str, tuple[int, str]] = {}
+        for (name, _stream), entry in last_acked.items():
+            try:
+                position = int((entry.fields or {}).get("position", 0))
+            except ValueError:
+                position = 0
+            if name not in best or position > best[name][0]:
+                best[name] = (position, entry.entry_id)
+        for name, (position, entry_id) in best.items():
+            pipe.hset(
+                self.keys.progress(name),
+                mapping={"position": position, "entry": entry_id, "at_ms": now_ms},
+            )
 
     # --- loop --------------------------------------------------------------------------
 
@@ -462,9 +593,14 @@ class Worker:
         """Maintain leases, read one batch over all owned slots, apply it; returns the
         number of entries handled."""
         self.maintain(drain=drain)
+        started = time.perf_counter()
         entries = self._read()
         if entries:
             self.process(entries)
+            if self.metrics is not None:
+                self.metrics.projected(
+                    self._batch_applied, self._batch_failed, time.perf_counter() - started
+                )
         return len(entries)
 
     def caught_up(self) -> bool:
@@ -531,7 +667,14 @@ class Worker:
                         )
                         self._wait_for_work(stop, wait)
                 except _TRANSIENT as exc:
-                    log.warning("redis unavailable (%s); retrying in %.1fs", exc, backoff)
+                    log.warning(
+                        "redis unavailable (%s); retrying in %.1fs",
+                        exc,
+                        backoff,
+                        extra={**self._log},
+                    )
+                    if self.metrics is not None:
+                        self.metrics.reconnected("projector")
                     self._pubsub = None
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
