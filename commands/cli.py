@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from datetime import UTC, datetime
 
 import psycopg
 import redis
@@ -23,9 +24,12 @@ from commands.handlers import execute
 from commands.migrations import LATEST_VERSION, current_version, upgrade
 from commands.relay import Relay
 from commands.results import CommandResult
-from cqrs.cli import load_settings
+from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
 from cqrs.console import EXIT_USAGE, fail, out, print_json, validation_message
+from cqrs.logs import configure_logging
+from cqrs.metrics import Gauge
 from cqrs.signals import install_stop_handlers
+from cqrs.urls import mask_url
 from cqrs.wiring import Wiring
 
 log = logging.getLogger(__name__)
@@ -254,15 +258,32 @@ def db_upgrade(json_output: bool = typer.Option(False, "--json")) -> None:
         out.print(f"schema at version {version}" + (f" (applied {applied})" if applied else ""))
 
 
+def outbox_gauges(relay: Relay) -> list[Gauge]:
+    """The relay's backlog, computed at scrape time (one small query)."""
+    count, oldest = relay.pending_count()
+    age = 0.0
+    if oldest is not None:
+        age = max((datetime.now(UTC) - oldest).total_seconds(), 0.0)
+    return [
+        Gauge("cqrs_outbox_backlog", "Committed events not yet published", count),
+        Gauge("cqrs_outbox_oldest_seconds", "Age of the oldest unpublished event (0: none)", age),
+    ]
+
+
 def relay_command(
     drain: bool = typer.Option(False, "--drain", help="Publish what is pending, then exit."),
+    metrics_port: int = metrics_port_option(),
 ) -> None:
     """Move committed events from the PostgreSQL log to Redis Streams until stopped."""
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    configure_logging(logging.INFO)
     wiring = Wiring(load_settings())
     try:
         ensure_schema(wiring)
         relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
+        metrics = None if drain else start_metrics_or_fail(wiring.settings, metrics_port)
+        if metrics is not None:
+            relay.metrics = metrics
+            metrics.add_gauges(lambda: outbox_gauges(relay))
         if drain:
             out.print(f"published {relay.drain()} event(s)")
             return
@@ -283,13 +304,14 @@ def run_command_(
     drain: bool = typer.Option(
         False, "--drain", help="Relay and project everything pending, then exit 0."
     ),
+    metrics_port: int = metrics_port_option(),
 ) -> None:
     """Run the relay and every projection in one process (development, demos, scripts)."""
-    from projector.cli import configure_logging
+    from projector.cli import add_projection_gauges
     from projector.registry import PROJECTIONS
     from projector.worker import Worker
 
-    configure_logging()
+    configure_logging(logging.INFO)
     wiring = Wiring(load_settings())
     stop = threading.Event()
     install_stop_handlers(stop)
@@ -299,6 +321,11 @@ def run_command_(
         worker = Worker(
             wiring.redis, wiring.settings, PROJECTIONS.values(), database_url=wiring.database_url
         )
+        metrics = None if drain else start_metrics_or_fail(wiring.settings, metrics_port)
+        if metrics is not None:
+            relay.metrics = worker.metrics = metrics
+            metrics.add_gauges(lambda: outbox_gauges(relay))
+            add_projection_gauges(metrics, wiring, list(PROJECTIONS.values()))
         if drain:
             # Relay, project to the end, and go round again if writers added more meanwhile.
             while relay.drain() or not worker.caught_up():
@@ -329,7 +356,40 @@ def demo_command() -> None:
         wiring.close()
 
 
+def doctor_command(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Check Redis (version, eviction policy, persistence, stream retention) and PostgreSQL
+    (reachable, schema version), each with how to fix it; exit 1 on any error."""
+    from commands.doctor import ERROR, WARNING, run_checks
+
+    wiring = Wiring(load_settings())
+    try:
+        checks = run_checks(wiring.settings, wiring.database_url, wiring.redis_url, wiring.redis)
+    finally:
+        wiring.close()
+    failed = any(c.status == ERROR for c in checks)
+    if json_output:
+        print_json({"ok": not failed, "checks": [c.as_json() for c in checks]})
+    else:
+        from rich.text import Text
+
+        style = {ERROR: "bold red", WARNING: "yellow"}
+        for check in checks:
+            line = Text(f"{check.status:<7} ", style=style.get(check.status, "green"))
+            line.append(mask_url(f"{check.name}: {check.detail}"))
+            out.print(line)
+            if check.fix and check.status != "ok":
+                out.print(Text(mask_url(f"        fix: {check.fix}"), style="dim"))
+        errors = sum(c.status == ERROR for c in checks)
+        warnings = sum(c.status == WARNING for c in checks)
+        out.print(f"{errors} error(s), {warnings} warning(s)")
+    if failed:
+        raise typer.Exit(1)
+
+
 def register(app: typer.Typer) -> None:
+    app.command("doctor")(doctor_command)
     app.add_typer(product_app, name="product")
     app.add_typer(customer_app, name="customer")
     app.add_typer(order_app, name="order")

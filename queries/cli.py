@@ -13,7 +13,7 @@ from typing import Any
 import typer
 from rich.table import Table
 
-from cqrs.cli import load_settings
+from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
 from cqrs.console import EXIT_USAGE, fail, out, print_json
 from cqrs.tokens import TokenError
 from cqrs.wiring import Wiring
@@ -219,12 +219,45 @@ def query_top_products(
 def serve_command(
     host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on."),
     port: int = typer.Option(8000, "--port", min=1, max=65535, help="Port to listen on."),
+    metrics_port: int = metrics_port_option(),
 ) -> None:
     """Serve the HTTP query API (read only, Redis only) with uvicorn."""
+    import logging
+
+    from cqrs.logs import configure_logging
+
+    configure_logging(logging.INFO)
     settings = load_settings()
     from queries.http import serve  # FastAPI/uvicorn load only for this command
 
-    serve(settings, host=host, port=port)
+    metrics = start_metrics_or_fail(settings, metrics_port)
+    wiring = Wiring(settings)
+    try:
+        if metrics is not None:
+            svc = QueryService(wiring.redis, wiring.keys, partitions=settings.partitions)
+            metrics.add_gauges(lambda: query_gauges(svc))
+        serve(settings, host=host, port=port, own_logging=False)
+    finally:
+        wiring.close()
+
+
+def query_gauges(svc: QueryService) -> list[Any]:
+    """Lag and pending per projection and dead letters, at scrape time (Redis only)."""
+    from cqrs.metrics import Gauge
+
+    gauges: list[Any] = []
+    lags = svc.lag()
+    pipe = svc.redis.pipeline(transaction=False)
+    for name in lags:
+        pipe.xlen(svc.keys.dead_letters(name))
+    for (name, numbers), dead in zip(lags.items(), pipe.execute(), strict=True):
+        labels = {"projection": name}
+        gauges += [
+            Gauge("cqrs_projection_lag", "Entries not yet delivered", numbers["lag"], labels),
+            Gauge("cqrs_projection_pending", "Not acknowledged", numbers["pending"], labels),
+            Gauge("cqrs_dead_letter_entries", "Entries in dead letters", dead, labels),
+        ]
+    return gauges
 
 
 def register(app: typer.Typer) -> None:

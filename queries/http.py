@@ -404,8 +404,15 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-def serve(settings: Settings, *, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Run the API with uvicorn (its default logging); SIGTERM/SIGINT stop it cleanly."""
+def serve(
+    settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, own_logging: bool = True
+) -> None:
+    """Run the API with uvicorn; SIGTERM/SIGINT stop it cleanly. `own_logging=False`
+    leaves logging to the caller (`cqrs serve` uses cqrs.logs: text or JSON lines,
+    passwords masked); True keeps uvicorn's default logging."""
     import uvicorn
 
-    uvicorn.run(create_app(settings), host=host, port=port)
+    if own_logging:
+        uvicorn.run(create_app(settings), host=host, port=port)
+    else:
+        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)

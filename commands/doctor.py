@@ -1,0 +1,361 @@
+"""`cqrs doctor`: check the servers and settings against what the system relies on, and
+say how to fix what is wrong. Exit 1 on any error; warnings do not fail.
+
+It lives in commands/ because it reads the write-side schema version
+(commands.migrations); it only reads, never changes anything.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import redis
+from sqlalchemy.exc import SQLAlchemyError
+
+from commands.migrations import LATEST_VERSION, current_version
+from cqrs.keys import KeyMap
+from cqrs.settings import Settings
+from cqrs.streams import parse_entry_id, partition_groups
+from cqrs.urls import mask_url
+from cqrs.wiring import make_engine
+
+OK, WARNING, ERROR = "ok", "warning", "error"
+
+MIN_VERSION = (6, 2)  # XAUTOCLAIM
+FULL_VERSION = (7, 0)  # XINFO lag/entries-read, XAUTOCLAIM's deleted ids
+SAMPLE_VIEWS = 20
+
+
+@dataclass
+class Check:
+    name: str
+    status: str
+    detail: str
+    fix: str = ""
+
+    def as_json(self) -> dict[str, str]:
+        return {k: mask_url(v) for k, v in asdict(self).items()}
+
+
+def _version(text: str) -> tuple[int, ...]:
+    parts = []
+    for piece in text.split(".")[:3]:
+        digits = "".join(ch for ch in piece if ch.isdigit())
+        parts.append(int(digits or 0))
+    return tuple(parts)
+
+
+def _config(client: redis.Redis, name: str) -> str | None:
+    """A CONFIG GET value, or None when the server (or our ACL user) refuses CONFIG."""
+    try:
+        return client.config_get(name).get(name)
+    except redis.ResponseError:
+        return None
+
+
+def check_redis_version(info: dict[str, Any]) -> Check:
+    server = "Valkey" if info.get("valkey_version") else "Redis"
+    shown = info.get("valkey_version") or info.get("redis_version", "?")
+    version = _version(str(info.get("redis_version", "0")))
+    if version < MIN_VERSION:
+        return Check(
+            "redis version",
+            ERROR,
+            f"{server} {shown}: XAUTOCLAIM (crash recovery) needs Redis >= 6.2",
+            "upgrade to Redis 7 or Valkey 7/8",
+        )
+    if version < FULL_VERSION:
+        return Check(
+            "redis version",
+            WARNING,
+            f"{server} {shown}: works, but without Redis 7 features we use when present: "
+            "XINFO GROUPS lag/entries-read (status, trimming) and XAUTOCLAIM's list of deleted "
+            "entries (pending entries whose stream entry was trimmed stay pending)",
+            "upgrade to Redis 7 or Valkey 7/8",
+        )
+    return Check("redis version", OK, f"{server} {shown} (>= 7: XAUTOCLAIM, XINFO lag)")
+
+
+def check_eviction(client: redis.Redis, keys: KeyMap, info: dict[str, Any]) -> Check:
+    policy = _config(client, "maxmemory-policy") or info.get("maxmemory_policy")
+    maxmemory = int(info.get("maxmemory") or 0)
+    used = int(info.get("used_memory") or 0)
+    sizes = _bytes_per_view(client, keys)
+    measured = ", ".join(f"{name} ~{size} B per view" for name, size in sizes.items())
+    budget = (
+        f"used memory {used / 2**20:.1f} MiB"
+        + (f"; {measured}" if measured else "")
+        + "; size maxmemory for the streams plus two copies of the largest projection "
+        "(a replay builds the new generation beside the live one), e.g. at least "
+        f"{max(2 * used, 64 * 2**20) / 2**20:.0f} MiB now"
+    )
+    if policy is None:
+        return Check(
+            "maxmemory-policy",
+            WARNING,
+            "cannot read maxmemory-policy (CONFIG GET refused)",
+            "make sure it is noeviction (views must never be evicted)",
+        )
+    if policy.startswith("allkeys-"):
+        return Check(
+            "maxmemory-policy",
+            ERROR,
+            f"maxmemory-policy is {policy}: Redis may evict any key, so a view, an index or a "
+            "stream entry can vanish silently and queries would lie",
+            f"CONFIG SET maxmemory-policy noeviction (and in redis.conf); {budget}",
+        )
+    if policy.startswith("volatile-"):
+        return Check(
+            "maxmemory-policy",
+            WARNING,
+            f"maxmemory-policy is {policy}: our view keys have no TTL so they are not evicted, "
+            "but leases would be, and anything else with a TTL in this Redis competes with them",
+            f"use noeviction; {budget}",
+        )
+    if not maxmemory:
+        return Check(
+            "maxmemory-policy",
+            WARNING,
+            f"{policy} but no maxmemory: Redis grows until the OS kills it",
+            f"set maxmemory; {budget}",
+        )
+    return Check(
+        "maxmemory-policy",
+        OK,
+        f"{policy}, maxmemory {maxmemory / 2**20:.0f} MiB; {budget}",
+    )
+
+
+def _bytes_per_view(client: redis.Redis, keys: KeyMap) -> dict[str, int]:
+    """Average MEMORY USAGE of a few live view hashes per projection."""
+    samples = {
+        "products": lambda v: v.product("*"),
+        "customers": lambda v: v.customer("*"),
+        "orders": lambda v: v.order("*"),
+    }
+    sizes: dict[str, int] = {}
+    for name, pattern in samples.items():
+        generation = int(client.get(keys.generation(name)) or 0)
+        if not generation:
+            continue
+        found: list[str] = []
+        for key in client.scan_iter(match=pattern(keys.views(name, generation)), count=500):
+            found.append(key)
+            if len(found) >= SAMPLE_VIEWS:
+                break
+        if not found:
+            continue
+        try:
+            pipe = client.pipeline(transaction=False)
+            for key in found:
+                pipe.memory_usage(key)
+            usage = [u for u in pipe.execute() if u]
+        except redis.ResponseError:
+            continue  # MEMORY refused by ACL
+        if usage:
+            sizes[name] = sum(usage) // len(usage)
+    return sizes
+
+
+def check_persistence(client: redis.Redis, info: dict[str, Any]) -> Check:
+    aof = str(info.get("aof_enabled", "0")) == "1"
+    save = _config(client, "save")
+    rdb = bool(save and save.strip())
+    if aof:
+        return Check("persistence", OK, "AOF on" + (f", RDB snapshots '{save}'" if rdb else ""))
+    if rdb:
+        return Check(
+            "persistence",
+            WARNING,
+            f"RDB snapshots only ('{save}'): a crash loses the writes since the last snapshot; "
+            "the workers then rebuild the views from the PostgreSQL log (no data lost, but "
+            "views are missing or stale until the rebuild is done)",
+            "CONFIG SET appendonly yes (and in redis.conf) for restarts without a rebuild",
+        )
+    return Check(
+        "persistence",
+        WARNING,
+        "no AOF and no RDB"
+        + (" (save unknown: CONFIG refused)" if save is None else "")
+        + ": a restart loses every view and stream; the workers rebuild them from the "
+        "PostgreSQL log (no data lost, but views are missing until the rebuild is done)",
+        "CONFIG SET appendonly yes (and in redis.conf)",
+    )
+
+
+def check_streams(client: redis.Redis, keys: KeyMap, settings: Settings) -> list[Check]:
+    """Retention vs. the oldest entry each group has not finished: trimming must never cut
+    entries a consumer group has not read (or still has pending)."""
+    from projector.registry import PROJECTIONS  # names only; doctor imports no worker code
+
+    checks: list[Check] = []
+    stored = client.hget(keys.meta(), "partitions")
+    partitions = int(stored or settings.partitions)
+    if stored and int(stored) != settings.partitions:
+        checks.append(
+            Check(
+                "partitions",
+                WARNING,
+                f"CQRS_PARTITIONS={settings.partitions} but the streams were created with "
+                f"{stored}; the stored value is used (changing it would re-map aggregates)",
+                f"set CQRS_PARTITIONS={stored}",
+            )
+        )
+    retention = settings.stream_retention
+    cut: list[str] = []
+    near: list[str] = []
+    for name in PROJECTIONS:
+        for row in partition_groups(client, keys, name, partitions):
+            if not row.exists:
+                continue
+            first = parse_entry_id(row.first_entry_id) if row.first_entry_id else None
+            pending_trimmed = False
+            if row.pending and first is not None:
+                summary = client.xpending(keys.stream(row.partition), name)
+                if summary.get("min") and parse_entry_id(summary["min"]) < first:
+                    pending_trimmed = True
+            # No group at all: the projection has never run here; a worker builds it
+            # from the PostgreSQL log first, so nothing trimmed is lost to it.
+            if not row.has_group:
+                continue
+            if row.lag > row.length or pending_trimmed:
+                cut.append(f"{name} on partition {row.partition}")
+            elif retention and row.lag + row.pending > retention // 2:
+                near.append(f"{name} p{row.partition}: {row.lag + row.pending} unapplied")
+    if cut:
+        checks.append(
+            Check(
+                "stream retention",
+                ERROR,
+                "entries were trimmed before a consumer group read or acknowledged them: "
+                + ", ".join(cut[:5])
+                + ("..." if len(cut) > 5 else ""),
+                "rebuild the affected projections from the log: cqrs replay NAME --from log "
+                "--yes (the relay trims only below every group's position; something else "
+                "trimmed these streams, or a group was created after a trim)",
+            )
+        )
+    elif near:
+        checks.append(
+            Check(
+                "stream retention",
+                WARNING,
+                f"groups far behind (retention {retention} per partition): "
+                + ", ".join(near[:5])
+                + "; the relay will not trim past them, so these streams grow beyond retention",
+                "start or scale the projector (cqrs status shows who is stalled)",
+            )
+        )
+    else:
+        kept = "everything (CQRS_STREAM_RETENTION=0)" if not retention else f"~{retention}"
+        checks.append(
+            Check(
+                "stream retention",
+                OK,
+                f"keeping {kept} entries per partition; no group has unread entries trimmed",
+            )
+        )
+    return checks
+
+
+def check_dead_letters(client: redis.Redis, keys: KeyMap) -> Check:
+    from projector.registry import PROJECTIONS
+
+    pipe = client.pipeline(transaction=False)
+    for name in PROJECTIONS:
+        pipe.xlen(keys.dead_letters(name))
+    counts = dict(zip(PROJECTIONS, pipe.execute(), strict=True))
+    waiting = {n: c for n, c in counts.items() if c}
+    if waiting:
+        listed = ", ".join(f"{n}: {c}" for n, c in waiting.items())
+        first = next(iter(waiting))
+        return Check(
+            "dead letters",
+            WARNING,
+            f"events no view reflects yet ({listed})",
+            f"inspect with cqrs dlq list -p {first}; fix the cause, then cqrs dlq retry "
+            f"-p {first} --all",
+        )
+    return Check("dead letters", OK, "none")
+
+
+def check_redis(client: redis.Redis, keys: KeyMap, settings: Settings, url: str) -> list[Check]:
+    try:
+        client.ping()
+        info = client.info()
+    except redis.AuthenticationError as exc:
+        return [
+            Check(
+                "redis",
+                ERROR,
+                f"{mask_url(url)}: authentication failed ({exc})",
+                "check the user and password in CQRS_REDIS_URL (redis://user:password@host)",
+            )
+        ]
+    except (redis.ConnectionError, redis.TimeoutError) as exc:
+        return [
+            Check(
+                "redis",
+                ERROR,
+                f"cannot reach {mask_url(url)}: {exc}",
+                "start Redis or fix CQRS_REDIS_URL (rediss:// for TLS)",
+            )
+        ]
+    checks = [Check("redis", OK, f"{mask_url(url)} answers")]
+    checks.append(check_redis_version(info))
+    checks.append(check_eviction(client, keys, info))
+    checks.append(check_persistence(client, info))
+    checks += check_streams(client, keys, settings)
+    checks.append(check_dead_letters(client, keys))
+    return checks
+
+
+def check_postgres(database_url: str) -> list[Check]:
+    engine = make_engine(database_url, pool_size=1)
+    try:
+        version = current_version(engine)
+        with engine.connect() as conn:
+            server = conn.exec_driver_sql("SHOW server_version").scalar()
+    except SQLAlchemyError as exc:
+        orig = getattr(exc, "orig", None) or exc
+        first = (str(orig).strip().splitlines() or [type(exc).__name__])[0]
+        return [
+            Check(
+                "postgresql",
+                ERROR,
+                f"cannot reach {mask_url(database_url)}: {first}",
+                "start PostgreSQL or fix CQRS_DATABASE_URL (add ?sslmode=require for TLS)",
+            )
+        ]
+    finally:
+        engine.dispose()
+    checks = [Check("postgresql", OK, f"{mask_url(database_url)} answers (PostgreSQL {server})")]
+    if version < LATEST_VERSION:
+        checks.append(
+            Check(
+                "schema",
+                WARNING,
+                f"schema version {version}, this code expects {LATEST_VERSION}",
+                "cqrs db upgrade (every command also upgrades on first use)",
+            )
+        )
+    elif version > LATEST_VERSION:
+        checks.append(
+            Check(
+                "schema",
+                ERROR,
+                f"schema version {version} is newer than this code ({LATEST_VERSION})",
+                "run the release that migrated the database",
+            )
+        )
+    else:
+        checks.append(Check("schema", OK, f"version {version} (latest)"))
+    return checks
+
+
+def run_checks(
+    settings: Settings, database_url: str, redis_url: str, client: redis.Redis
+) -> list[Check]:
+    keys = KeyMap(settings.namespace)
+    return check_redis(client, keys, settings, redis_url) + check_postgres(database_url)
