@@ -223,6 +223,10 @@ class Replayer:
             if e1 or e2
         ]
         if failed:
+            # A gap may only mean that Redis lost this generation's keys meanwhile: then
+            # these events are not poison, and filing them would flood the dead letters.
+            if not self._holds_lock():
+                raise ReplayError(f"replay of {self.projection.name} lost its lock")
             pipe = self.redis.pipeline(transaction=False)
             for (source, entry_id, fields), error in failed:
                 pipe.xadd(
@@ -288,10 +292,19 @@ class Replayer:
                     break
         return done
 
+    def _holds_lock(self) -> bool:
+        held = self.redis.get(self.keys.replay_lock(self.projection.name))
+        return held in (self.replay_id, self.replay_id.encode())
+
     def _check(self, stop: threading.Event | None, keeper: _Keeper) -> None:
+        """Before every batch and before the switch. The keeper notices a lost lock only
+        when it next renews it (every lock_ms / 3); if Redis lost its data meanwhile
+        (FLUSHALL, restart without persistence), the keys built so far are gone with the
+        lock, and going on would switch to a generation missing all of them. One GET per
+        batch closes that window."""
         if stop is not None and stop.is_set():
             raise ReplayInterrupted(f"replay of {self.projection.name} interrupted")
-        if keeper.lost.is_set():
+        if keeper.lost.is_set() or not self._holds_lock():
             raise ReplayError(f"replay of {self.projection.name} lost its lock")
 
     # --- generations -------------------------------------------------------------------
@@ -318,8 +331,7 @@ class Replayer:
         a replay that lost it (stalled past the TTL, or Redis lost its data and with it the
         generation counter) may share generation numbers with the replay that holds it
         now. Anything left is removed by the next replay, under its lock."""
-        held = self.redis.get(self.keys.replay_lock(self.projection.name))
-        if held not in (self.replay_id, self.replay_id.encode()):
+        if not self._holds_lock():
             log.warning(
                 "replay of %s lost its lock; generation %d is left to the next replay",
                 self.projection.name,
@@ -415,6 +427,7 @@ class Replayer:
                 views, last_ids, lambda d, _t: progress(offset + d, 0), stop, keeper
             )
             self._move_groups(last_ids)
+            self._check(stop, keeper)
             write_state(self.redis, self.keys, name, ProjectionState(new, self.projection.version))
             switched = True
             self.scripts["release_lease"](keys=[self.keys.pause(name)], args=[self.replay_id])
