@@ -1,0 +1,177 @@
+"""`cqrs doctor` against private redis-server processes, and connection URLs with
+credentials: a password (`requirepass`) and an ACL user work from the URL, and no
+password ever appears in what `status`, `doctor` or a failure prints.
+
+Every redis-server here is our own subprocess on a free loopback port (persistence off),
+killed by PID when the test ends.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import psycopg
+import pytest
+
+from cqrs.settings import Settings
+from tests.conftest import settings_env
+from tests.integration.ops_support import cli_parallel, processes, start_redis
+
+
+def _checks(data: dict) -> dict[str, dict[str, str]]:
+    return {c["name"]: c for c in data["checks"]}
+
+
+def _env(settings: Settings, redis_url: str, database_url: str | None = None) -> dict[str, str]:
+    env = settings_env(settings)
+    env["CQRS_REDIS_URL"] = redis_url
+    if database_url:
+        env["CQRS_DATABASE_URL"] = database_url
+    return env
+
+
+def _with_password(url: str, password: str) -> tuple[str, str]:
+    """The URL with a password (PostgreSQL in CI trusts loopback, so any password
+    works); when the URL already has one, that one is the secret to look for."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url, parts.password
+    user = parts.username or "postgres"
+    netloc = f"{user}:{password}@{parts.hostname}:{parts.port or 5432}"
+    return urlunsplit((parts.scheme, netloc, parts.path, parts.query, parts.fragment)), password
+
+
+def test_doctor_fails_on_allkeys_lru_and_passes_on_noeviction(
+    settings: Settings, tmp_path: Path
+) -> None:
+    with processes(tmp_path) as procs:
+        _lru, lru_url = start_redis(procs, tmp_path, "--maxmemory-policy", "allkeys-lru")
+        _ok, ok_url = start_redis(
+            procs, tmp_path, "--maxmemory-policy", "noeviction", "--maxmemory", "64mb"
+        )
+        lru, ok = cli_parallel(
+            (("doctor", "--json"), _env(settings, lru_url)),
+            (("doctor", "--json"), _env(settings, ok_url)),
+        )
+        assert lru.returncode == 1, (lru.stdout, lru.stderr)
+        data = json.loads(lru.stdout)
+        assert not data["ok"]
+        policy = _checks(data)["maxmemory-policy"]
+        assert policy["status"] == "error" and "allkeys-lru" in policy["detail"]
+        assert "noeviction" in policy["fix"]
+
+        assert ok.returncode == 0, (ok.stdout, ok.stderr)
+        data = json.loads(ok.stdout)
+        checks = _checks(data)
+        assert data["ok"] and not [c for c in data["checks"] if c["status"] == "error"]
+        assert checks["maxmemory-policy"]["status"] == "ok"
+        assert checks["redis version"]["status"] == "ok"
+        assert checks["persistence"]["status"] == "warning"  # --appendonly no --save ""
+        assert "rebuild" in checks["persistence"]["detail"]
+        assert checks["schema"]["status"] == "ok"
+        assert checks["stream retention"]["status"] == "ok"
+
+
+def test_password_and_acl_user_work_from_the_url_and_are_never_printed(
+    settings: Settings, tmp_path: Path
+) -> None:
+    assert settings.database_url
+    database_url, pg_secret = _with_password(settings.database_url, "pg-s3cret-Kq")
+    redis_secret, acl_secret = "sekret-Zr81", "pw-alice-W4t"
+    with processes(tmp_path) as procs:
+        _a, password_url = start_redis(
+            procs, tmp_path, "--requirepass", redis_secret, url_auth=f":{redis_secret}@"
+        )
+        _b, acl_url = start_redis(
+            procs,
+            tmp_path,
+            "--user",
+            "default",
+            "off",
+            "--user",
+            "alice",
+            "on",
+            f">{acl_secret}",
+            "~*",
+            "&*",
+            "+@all",
+            url_auth=f"alice:{acl_secret}@",
+        )
+        secrets = (pg_secret, redis_secret, acl_secret, "wrong-Pq77")
+        wrong = password_url.replace(redis_secret, "wrong-Pq77")
+        calls = []
+        for url in (password_url, acl_url):
+            env = _env(settings, url, database_url)
+            calls += [(("status", "--json"), env), (("doctor", "--json"), env), (("doctor",), env)]
+        wrong_env = _env(settings, wrong, database_url)
+        calls += [(("status",), wrong_env), (("doctor", "--json"), wrong_env)]
+        results = cli_parallel(*calls)
+        printed = [text for r in results for text in (r.stdout, r.stderr)]
+        for result in results[:6]:
+            assert result.returncode == 0, (result.args, result.stdout, result.stderr)
+        for doctor in (results[2], results[5]):  # the rich report, for people
+            assert "***@127.0.0.1" in doctor.stdout  # the URL is shown, its password is not
+        assert json.loads(results[1].stdout)["ok"] and json.loads(results[4].stdout)["ok"]
+
+        # Wrong credentials: one error line, exit 1.
+        status, doctor = results[6], results[7]
+        assert status.returncode == 1 and status.stdout == ""
+        lines = status.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: cannot reach Redis"), lines
+        data = json.loads(doctor.stdout)
+        assert doctor.returncode == 1 and _checks(data)["redis"]["status"] == "error"
+        assert "authentication" in _checks(data)["redis"]["detail"]
+
+    for text in printed:
+        for secret in secrets:
+            assert secret not in text
+
+
+def test_postgres_sslmode_passes_through_the_url(settings: Settings, tmp_path: Path) -> None:
+    """`?sslmode=` reaches libpq: `disable` connects; against a server without TLS,
+    `require` is refused by libpq itself (and reported, not raised)."""
+    assert settings.database_url
+    with psycopg.connect(settings.database_url.replace("+psycopg", "")) as conn:
+        ssl_on = conn.execute("SHOW ssl").fetchone()[0] == "on"
+    base = settings.database_url
+    sep = "&" if "?" in base else "?"
+    disable = _env(settings, settings.redis_url or "", f"{base}{sep}sslmode=disable")
+    require = {**disable, "CQRS_DATABASE_URL": f"{base}{sep}sslmode=require"}
+    plain, tls = cli_parallel(
+        (("status", "--only", "relay", "--json"), disable),
+        (("status", "--only", "relay", "--max-age", "60", "--json"), require),
+    )
+    data = json.loads(plain.stdout)
+    assert plain.returncode == 0 and data["relay"]["reachable"], (data, plain.stderr)
+    if ssl_on:
+        pytest.skip("this PostgreSQL serves TLS; the refusal case needs one that does not")
+    data = json.loads(tls.stdout)
+    assert tls.returncode == 1
+    assert not data["relay"]["reachable"] and "SSL" in data["relay"]["error"]
+
+
+def test_up_prints_urls_without_passwords(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`cqrs up` masks whatever URLs the embedded servers report."""
+    from typer.testing import CliRunner
+
+    import cqrs.cli
+    from cqrs import embedded
+
+    class Servers:
+        database_url = "postgresql://cqrs:pg-embedded-Y6@127.0.0.1:5999/cqrs"
+        redis_url = "redis://:valkey-embedded-Y6@127.0.0.1:6999/0"
+        postgres_pid = redis_pid = 1
+        home = Path("/nonexistent")
+
+    monkeypatch.setattr(embedded, "ensure_started", lambda *_a, **_k: Servers())
+    runner = CliRunner()
+    for args in (["up"], ["up", "--json"]):
+        result = runner.invoke(
+            cqrs.cli.app, args, env={"CQRS_NAMESPACE": f"t{uuid.uuid4().hex[:6]}"}
+        )
+        assert result.exit_code == 0, result.output
+        assert "127.0.0.1:5999" in result.output and "***@" in result.output
+        assert "embedded-Y6" not in result.output
