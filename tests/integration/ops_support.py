@@ -95,23 +95,67 @@ def redis_server_binary() -> str:
     return found
 
 
+def self_signed_certificate(tmp: Path) -> tuple[Path, Path]:
+    """(certificate, key) for 127.0.0.1, made with the openssl CLI."""
+    openssl = shutil.which("openssl")
+    if not openssl:
+        pytest.skip("no openssl CLI to make a test certificate")
+    cert, key = tmp / "cert.pem", tmp / "key.pem"
+    subprocess.run(
+        [
+            openssl,
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-keyout",
+            str(key),
+            "-out",
+            str(cert),
+            "-days",
+            "1",
+            "-subj",
+            "/CN=127.0.0.1",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1",
+        ],
+        check=True,
+        capture_output=True,
+        timeout=60,
+    )
+    return cert, key
+
+
 def start_redis(
-    procs: Processes, tmp: Path, *extra: str, url_auth: str = ""
+    procs: Processes,
+    tmp: Path,
+    *extra: str,
+    url_auth: str = "",
+    tls: tuple[Path, Path] | None = None,
 ) -> tuple[subprocess.Popen[bytes], str]:
     """A private Redis on a free loopback port, persistence off, plus `extra` options;
-    returns (process, URL with `url_auth` as `user:password@` part). Waits until it
+    returns (process, URL with `url_auth` as `user:password@` part). With `tls`
+    (certificate, key) it listens only for TLS and the URL is `rediss://`. Waits until it
     answers a PING through that URL."""
     binary = redis_server_binary()
     for _attempt in range(3):
         port = free_port()
         workdir = tmp / f"redis-{port}"
         workdir.mkdir()
+        listen = ["--port", str(port)]
+        url = f"redis://{url_auth}127.0.0.1:{port}/0"
+        if tls:
+            cert, key = tls
+            listen = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(cert)]
+            listen += ["--tls-key-file", str(key), "--tls-ca-cert-file", str(cert)]
+            listen += ["--tls-auth-clients", "no"]
+            url = f"rediss://{url_auth}127.0.0.1:{port}/0?ssl_ca_certs={cert}"
         proc = procs.start(
             f"redis-{port}",
             [
                 binary,
-                "--port",
-                str(port),
+                *listen,
                 "--bind",
                 "127.0.0.1",
                 "--save",
@@ -126,7 +170,6 @@ def start_redis(
             ],
             os.environ.copy(),
         )
-        url = f"redis://{url_auth}127.0.0.1:{port}/0"
 
         def answers(proc: subprocess.Popen[bytes] = proc, url: str = url) -> bool:
             if proc.poll() is not None:

@@ -18,7 +18,12 @@ import pytest
 
 from cqrs.settings import Settings
 from tests.conftest import settings_env
-from tests.integration.ops_support import cli_parallel, processes, start_redis
+from tests.integration.ops_support import (
+    cli_parallel,
+    processes,
+    self_signed_certificate,
+    start_redis,
+)
 
 
 def _checks(data: dict) -> dict[str, dict[str, str]]:
@@ -75,7 +80,7 @@ def test_doctor_fails_on_allkeys_lru_and_passes_on_noeviction(
         assert checks["stream retention"]["status"] == "ok"
 
 
-def test_password_and_acl_user_work_from_the_url_and_are_never_printed(
+def test_password_acl_user_and_tls_work_from_the_url_and_are_never_printed(
     settings: Settings, tmp_path: Path
 ) -> None:
     assert settings.database_url
@@ -100,6 +105,15 @@ def test_password_and_acl_user_work_from_the_url_and_are_never_printed(
             "+@all",
             url_auth=f"alice:{acl_secret}@",
         )
+        # TLS (rediss://) with a password, the CA given in the URL's query string.
+        _c, tls_url = start_redis(
+            procs,
+            tmp_path,
+            "--requirepass",
+            redis_secret,
+            url_auth=f":{redis_secret}@",
+            tls=self_signed_certificate(tmp_path),
+        )
         secrets = (pg_secret, redis_secret, acl_secret, "wrong-Pq77")
         wrong = password_url.replace(redis_secret, "wrong-Pq77")
         calls = []
@@ -108,6 +122,8 @@ def test_password_and_acl_user_work_from_the_url_and_are_never_printed(
             calls += [(("status", "--json"), env), (("doctor", "--json"), env), (("doctor",), env)]
         wrong_env = _env(settings, wrong, database_url)
         calls += [(("status",), wrong_env), (("doctor", "--json"), wrong_env)]
+        tls_env = _env(settings, tls_url, database_url)
+        calls += [(("status", "--json"), tls_env), (("doctor", "--json"), tls_env)]
         results = cli_parallel(*calls)
         printed = [text for r in results for text in (r.stdout, r.stderr)]
         for result in results[:6]:
@@ -124,6 +140,11 @@ def test_password_and_acl_user_work_from_the_url_and_are_never_printed(
         data = json.loads(doctor.stdout)
         assert doctor.returncode == 1 and _checks(data)["redis"]["status"] == "error"
         assert "authentication" in _checks(data)["redis"]["detail"]
+
+        for result in results[8:]:  # over TLS
+            assert result.returncode == 0, (result.args, result.stdout, result.stderr)
+        tls_check = _checks(json.loads(results[9].stdout))["redis"]
+        assert "rediss://:***@127.0.0.1" in tls_check["detail"]
 
     for text in printed:
         for secret in secrets:
