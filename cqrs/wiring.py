@@ -20,10 +20,16 @@ from cqrs.urls import sqlalchemy_url
 
 def make_redis(url: str, settings: Settings) -> redis.Redis:
     """A client whose socket timeout stays above every blocking read we issue
-    (BLOCK longer than the socket timeout would raise a spurious TimeoutError)."""
+    (BLOCK longer than the socket timeout would raise a spurious TimeoutError).
+
+    Replies are decoded with errors="replace": everything we write is UTF-8, but anyone
+    who can XADD can put other bytes in a stream, and a strict decoder would then fail
+    every read of that entry (XREADGROUP, XAUTOCLAIM, XINFO STREAM) and crash every worker
+    forever. Replaced, the entry reads as malformed and is dead-lettered like any poison."""
     return redis.Redis.from_url(
         to_redis_url(url),
         decode_responses=True,
+        encoding_errors="replace",
         socket_timeout=settings.redis_socket_timeout,
         socket_connect_timeout=5,
         health_check_interval=30,
