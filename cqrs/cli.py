@@ -156,11 +156,46 @@ def _mount_packages() -> None:
         entry.load()(app)
 
 
+def unreachable_message(exc: BaseException) -> str | None:
+    """One line for a server that cannot be reached or refuses our credentials, whatever
+    command met it; None for any other exception (a bug: its traceback is wanted)."""
+    import psycopg
+    import redis
+    import sqlalchemy.exc
+
+    def url(name: str) -> str:
+        try:
+            value = getattr(Settings(), name)
+        except ValidationError:
+            value = None
+        return f" at {mask_url(value)}" if value else ""
+
+    if isinstance(exc, redis.AuthenticationError):
+        return f"Redis refused the credentials{url('redis_url')}: {exc}"
+    if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
+        return f"cannot reach Redis{url('redis_url')}: {exc}"
+    if isinstance(exc, redis.ResponseError) and ("NOAUTH" in str(exc) or "NOPERM" in str(exc)):
+        return f"Redis refused{url('redis_url')}: {exc}"
+    orig = getattr(exc, "orig", None) if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
+    if isinstance(exc, sqlalchemy.exc.OperationalError) or isinstance(
+        orig, psycopg.OperationalError
+    ):
+        first = (str(orig).strip().splitlines() or [type(exc).__name__])[0]
+        return f"cannot reach PostgreSQL{url('database_url')}: {first}"
+    return None
+
+
 def main() -> None:
     """Console entry point: usage errors become one line on stderr with exit 2."""
     _mount_packages()
     try:
         code = app(standalone_mode=False)
+    except Exception as exc:
+        message = unreachable_message(exc)
+        if message is None:
+            raise
+        print(f"error: {' '.join(mask_url(message).split())}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)

@@ -23,7 +23,13 @@ from typing import Any
 from cqrs.urls import mask_url
 
 # The attributes every LogRecord has; anything else on a record came from `extra=`.
-_STANDARD = set(vars(logging.makeLogRecord({}))) | {"message", "asctime", "taskName"}
+# (uvicorn adds `color_message`, an ANSI-coloured copy of the message.)
+_STANDARD = set(vars(logging.makeLogRecord({}))) | {
+    "message",
+    "asctime",
+    "taskName",
+    "color_message",
+}
 
 _chosen: dict[str, str | None] = {"format": None, "level": None}
 

@@ -124,6 +124,7 @@ def test_password_acl_user_and_tls_work_from_the_url_and_are_never_printed(
         calls += [(("status",), wrong_env), (("doctor", "--json"), wrong_env)]
         tls_env = _env(settings, tls_url, database_url)
         calls += [(("status", "--json"), tls_env), (("doctor", "--json"), tls_env)]
+        calls += [(("project", "--drain"), wrong_env)]
         results = cli_parallel(*calls)
         printed = [text for r in results for text in (r.stdout, r.stderr)]
         for result in results[:6]:
@@ -141,7 +142,13 @@ def test_password_acl_user_and_tls_work_from_the_url_and_are_never_printed(
         assert doctor.returncode == 1 and _checks(data)["redis"]["status"] == "error"
         assert "authentication" in _checks(data)["redis"]["detail"]
 
-        for result in results[8:]:  # over TLS
+        worker = results[10]  # any command: one line naming the (masked) URL, exit 1
+        assert worker.returncode == 1 and worker.stderr.strip().splitlines() == [
+            f"error: Redis refused the credentials at {wrong.replace('wrong-Pq77', '***')}: "
+            "invalid username-password pair or user is disabled."
+        ]
+
+        for result in results[8:10]:  # over TLS
             assert result.returncode == 0, (result.args, result.stdout, result.stderr)
         tls_check = _checks(json.loads(results[9].stdout))["redis"]
         assert "rediss://:***@127.0.0.1" in tls_check["detail"]
