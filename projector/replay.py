@@ -398,7 +398,7 @@ class Replayer:
         try:
             if only_if_invalid:
                 state = read_state(self.redis, self.keys, name)
-                if state is not None and state.version == self.projection.version:
+                if state is not None and state.version >= self.projection.version:
                     raise AlreadyBuilt(f"{name} was built meanwhile (generation {old})")
             new = self._allocate_generation(old)
             removed = self._remove_generations({old, new})

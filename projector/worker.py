@@ -106,6 +106,8 @@ class Worker:
         self.active: set[str] = set()
         self.needs_build: set[str] = set()
         self.rebuilding: set[str] = set()
+        self._newer_warned: set[str] = set()
+        self.newer: set[str] = set()  # built by a newer release: not ours to touch
         self.settings = settings
         self.keys = KeyMap(settings.namespace)
         self.scripts = Scripts(client)
@@ -162,15 +164,27 @@ class Worker:
         self.active.clear()
         self.needs_build.clear()
         self.rebuilding.clear()
+        self.newer.clear()
         for i, projection in enumerate(self.projections):
             state, paused, replaying = results[3 * i : 3 * i + 3]
             name = projection.name
-            valid = (
-                bool(state.get("generation")) and int(state.get("version", 0)) == projection.version
-            )
+            built = int(state.get("version", 0)) if state.get("generation") else 0
             if replaying:
                 self.rebuilding.add(name)
-            if not valid:
+            if built > projection.version:
+                # A newer release built these views (rolling deploy): an older worker
+                # stays out of the way instead of rebuilding them back.
+                if name not in self._newer_warned:
+                    log.warning(
+                        "%s views are version %d, this worker has %d: skipping it",
+                        name,
+                        built,
+                        projection.version,
+                    )
+                    self._newer_warned.add(name)
+                self.newer.add(name)
+                continue
+            if built != projection.version:
                 self.needs_build.add(name)
             elif not paused:
                 self.active.add(name)
@@ -607,7 +621,7 @@ class Worker:
         """Every group of every projection has read its whole stream and has nothing
         pending (dead letters are acknowledged, so they do not hold this up)."""
         self.refresh_status()
-        if len(self.active) < len(self.projections):
+        if len(self.active) + len(self.newer) < len(self.projections):
             return False  # something is being built or switched
         pipe = self.redis.pipeline(transaction=False)
         pairs = self._all_slots()

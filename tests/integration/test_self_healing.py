@@ -270,3 +270,18 @@ def test_a_bumped_projection_version_is_rebuilt_when_a_worker_starts(wiring: Wir
     again = Worker(client, wiring.settings, projections, database_url=wiring.database_url)
     again.run(threading.Event(), drain=True)
     assert read_state(client, keys, "products") == state
+
+
+def test_an_older_worker_leaves_newer_views_alone(wiring: Wiring) -> None:
+    """Rolling deploy: once a newer release rebuilt a projection, a worker still running the
+    older code neither rebuilds it back nor writes into it."""
+    from tests.integration.projector_support import drain
+
+    drain(wiring)
+    newer = replace(PROJECTIONS["products"], version=2)
+    drain(wiring, [newer])
+    built = read_state(wiring.redis, wiring.keys, "products")
+    assert built is not None and built.version == 2
+    older = drain(wiring, [PROJECTIONS["products"]])  # drains without touching it
+    assert read_state(wiring.redis, wiring.keys, "products") == built
+    assert older.newer == {"products"} and older.stats.applied == 0
