@@ -55,6 +55,13 @@ class Settings(BaseSettings):
     projector_lease_ms: int = Field(default=5_000, ge=500)
     projector_max_deliveries: int = Field(default=5, ge=1)
 
+    replay_lock_ms: int = Field(
+        default=15_000, ge=1000, description="TTL of a replay's lock and pause flag (renewed)"
+    )
+    replay_grace_seconds: float = Field(
+        default=2.0, ge=0, description="wait after a switch before deleting the old generation"
+    )
+
     redis_socket_timeout: float = Field(default=10.0, gt=0)
 
     # Operations (docs/operations.md).

@@ -49,8 +49,6 @@ log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
 
-SWITCH_GRACE_SECONDS = 2.0
-
 
 class ReplayError(Exception):
     """The replay did not run or did not finish; the live views are untouched."""
@@ -191,7 +189,7 @@ class Replayer:
         self.database_url = database_url
         self.batch_size = batch_size
         self.replay_id = uuid.uuid4().hex
-        self.lock_ms = max(settings.projector_lease_ms * 3, 15_000)
+        self.lock_ms = max(settings.projector_lease_ms * 3, settings.replay_lock_ms)
         self.paused = False
         self.dead_lettered = 0
 
@@ -437,7 +435,7 @@ class Replayer:
             # Reads that fetched the old generation number a moment ago may still be
             # reading its keys: give them a moment before deleting.
             grace = stop if stop is not None else threading.Event()
-            if old and not grace.wait(SWITCH_GRACE_SECONDS):
+            if old and not grace.wait(self.settings.replay_grace_seconds):
                 removed += self._remove_own_generation(old)
             return ReplayResult(
                 projection=name,

@@ -124,6 +124,10 @@ def settings(backend: Backend, database_url: str) -> Iterator[Settings]:
         redis_url=backend.redis_url,
         namespace=namespace,
         relay_poll_seconds=0.2,
+        # Short replay lock and switch grace keep rebuild tests quick; production defaults
+        # are 15 s and 2 s.
+        replay_lock_ms=3000,
+        replay_grace_seconds=0.2,
     )
     delete_namespace(backend.redis_url, namespace)
 
@@ -144,6 +148,8 @@ def settings_env(settings: Settings) -> dict[str, str]:
         CQRS_NAMESPACE=settings.namespace,
         CQRS_HOME=str(settings.home),
         CQRS_RELAY_POLL_SECONDS=str(settings.relay_poll_seconds),
+        CQRS_REPLAY_LOCK_MS=str(settings.replay_lock_ms),
+        CQRS_REPLAY_GRACE_SECONDS=str(settings.replay_grace_seconds),
     )
     return env
 

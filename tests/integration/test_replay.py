@@ -49,7 +49,8 @@ from tests.conftest import settings_env
 from tests.helpers import run_cli, wait_until
 from tests.integration.projector_support import differences, drain
 
-# The replay lock outlives a killed replay by max(3 * lease, 15 s).
+# The replay lock outlives a killed replay by max(3 * lease, CQRS_REPLAY_LOCK_MS); the
+# test settings make that a few seconds.
 LOCK_TTL_S = 15.0
 
 
