@@ -190,12 +190,6 @@ def main() -> None:
     _mount_packages()
     try:
         code = app(standalone_mode=False)
-    except Exception as exc:
-        message = unreachable_message(exc)
-        if message is None:
-            raise
-        print(f"error: {' '.join(mask_url(message).split())}", file=sys.stderr, flush=True)
-        sys.exit(1)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)
@@ -205,6 +199,12 @@ def main() -> None:
         message = " ".join(exc.format_message().split())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(exc.exit_code)
+    except Exception as exc:
+        unreachable = unreachable_message(exc)
+        if unreachable is None:
+            raise
+        print(f"error: {' '.join(mask_url(unreachable).split())}", file=sys.stderr, flush=True)
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
 
 
