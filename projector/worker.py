@@ -679,6 +679,9 @@ class Worker:
                             if retrying or drain
                             else self.settings.projector_block_ms / 1000
                         )
+                        # Leases are renewed between waits: never wait past the renewal
+                        # period, or a lease shorter than the block time lapses while idle.
+                        wait = min(wait, self.settings.projector_lease_ms / 3000)
                         self._wait_for_work(stop, wait)
                 except _TRANSIENT as exc:
                     log.warning(
