@@ -125,11 +125,31 @@ SOURCES = {
 
 
 class Scripts:
-    """The scripts registered on one client; calls go through EVALSHA with a transparent
-    reload after a Redis restart (redis-py's Script does that)."""
+    """The scripts registered on one client.
+
+    Single calls go through redis-py's Script (EVALSHA with a transparent reload after a
+    Redis restart). Batches use `evalsha` on a pipeline directly: redis-py would otherwise
+    send SCRIPT EXISTS before every pipeline that holds a script, one extra round trip per
+    round of a batch. Our pipelines instead recover from NOSCRIPT themselves (see
+    `projector.steps.run_steps`): `load()` the scripts again and re-send the failed calls.
+    """
 
     def __init__(self, client: redis.Redis) -> None:
+        self.client = client
         self.by_name = {name: client.register_script(src) for name, src in SOURCES.items()}
+        self.shas = {name: script.sha for name, script in self.by_name.items()}
+        self._loaded = False
 
     def __getitem__(self, name: str) -> redis.commands.core.Script:
         return self.by_name[name]
+
+    def load(self) -> None:
+        """(Re)load every script into the server's script cache (once per client, and
+        again after a NOSCRIPT reply)."""
+        for name, source in SOURCES.items():
+            self.shas[name] = self.client.script_load(source)
+        self._loaded = True
+
+    def ensure_loaded(self) -> None:
+        if not self._loaded:
+            self.load()
