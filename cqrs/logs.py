@@ -32,6 +32,7 @@ _STANDARD = set(vars(logging.makeLogRecord({}))) | {
 }
 
 _chosen: dict[str, str | None] = {"format": None, "level": None}
+_HANDLER_NAME = "cqrs"
 
 
 def set_cli_options(log_format: str | None, log_level: str | None) -> None:
@@ -79,7 +80,8 @@ def configure_logging(
     log_format: str | None = None,
     log_level: str | None = None,
 ) -> None:
-    """Install one stderr handler on the root logger (replacing earlier ones).
+    """Install one stderr handler on the root logger (replacing the one an earlier call
+    installed).
 
     Precedence: explicit arguments, then the root CLI options, then the settings
     (`CQRS_LOG_FORMAT` / `CQRS_LOG_LEVEL`), then `default_level` and text."""
@@ -98,9 +100,11 @@ def configure_logging(
             pass  # the command reports a broken setting itself, as one line
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
+    handler.set_name(_HANDLER_NAME)
     root = logging.getLogger()
     for old in list(root.handlers):
-        root.removeHandler(old)
+        if old.get_name() == _HANDLER_NAME:  # ours from an earlier call; others stay
+            root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(str(level).upper() if level else default_level)
     # Client libraries chatter at DEBUG/INFO; keep them at WARNING unless we debug them.
