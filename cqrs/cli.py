@@ -105,6 +105,10 @@ def up(
     settings = load_settings()
     if status:
         report = embedded.status(settings.home)
+        for name in ("postgres", "redis"):
+            info = report.get(name)
+            if isinstance(info, dict) and info.get("url"):
+                info["url"] = mask_url(str(info["url"]))
         if json_output:
             print_json(report)
         else:

@@ -194,9 +194,17 @@ def test_up_prints_urls_without_passwords(monkeypatch: pytest.MonkeyPatch) -> No
         postgres_pid = redis_pid = 1
         home = Path("/nonexistent")
 
+    def status(_home: Path) -> dict:
+        return {
+            "running": True,
+            "postgres": {"alive": True, "pid": 1, "url": Servers.database_url},
+            "redis": {"alive": True, "pid": 1, "url": Servers.redis_url},
+        }
+
     monkeypatch.setattr(embedded, "ensure_started", lambda *_a, **_k: Servers())
+    monkeypatch.setattr(embedded, "status", status)
     runner = CliRunner()
-    for args in (["up"], ["up", "--json"]):
+    for args in (["up"], ["up", "--json"], ["up", "--status"], ["up", "--status", "--json"]):
         result = runner.invoke(
             cqrs.cli.app, args, env={"CQRS_NAMESPACE": f"t{uuid.uuid4().hex[:6]}"}
         )
