@@ -73,7 +73,7 @@ def mean(values: list[float]) -> float:
 
 
 def run(ctx: Context) -> list[Row]:
-    n_events = ctx.size(3_000, 100_000)
+    n_events = ctx.size(3_000, 50_000)
     results: dict[str, list[float]] = {}
     notes: dict[str, dict[str, Any]] = {}
     with ctx.backend.scope("memory") as settings:

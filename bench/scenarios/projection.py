@@ -146,7 +146,7 @@ def measure(
 
 
 def run(ctx: Context) -> list[Row]:
-    n_events = ctx.size(3_000, 200_000)
+    n_events = ctx.size(3_000, 100_000)
     with ctx.backend.scope("projection") as settings:
         client = make_redis(settings.redis_url or "", settings)
         keys = KeyMap(settings.namespace)

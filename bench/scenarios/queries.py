@@ -99,7 +99,7 @@ def build_views(settings: Settings, n_events: int) -> History:
 
 
 def run(ctx: Context) -> list[Row]:
-    n_calls = ctx.size(300, 20_000)
+    n_calls = ctx.size(300, 5_000)
     results: dict[str, list[float]] = {}
 
     def add(name: str, value: float) -> None:

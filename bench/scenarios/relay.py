@@ -21,7 +21,7 @@ from cqrs.wiring import make_redis
 
 
 def run(ctx: Context) -> list[Row]:
-    n_events = ctx.size(3_000, 100_000)
+    n_events = ctx.size(3_000, 50_000)
     project, ceiling = [], []
     with ctx.backend.scope("relay") as settings:
         client = make_redis(settings.redis_url or "", settings)
