@@ -174,7 +174,10 @@ class Relay:
             candidates.append((delivered[0], delivered[1] + 1))
             if group["pending"]:
                 summary = self.redis.xpending(stream, group["name"])
-                candidates.append(parse_entry_id(summary["min"]))
+                # None when a worker acknowledged the last pending entries since XINFO
+                # GROUPS: then the last-delivered bound above is the one that holds.
+                if summary["min"] is not None:
+                    candidates.append(parse_entry_id(summary["min"]))
         low = min(candidates)
         return f"{low[0]}-{low[1]}"
 
