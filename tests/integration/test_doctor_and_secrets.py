@@ -116,42 +116,56 @@ def test_password_acl_user_and_tls_work_from_the_url_and_are_never_printed(
         )
         secrets = (pg_secret, redis_secret, acl_secret, "wrong-Pq77")
         wrong = password_url.replace(redis_secret, "wrong-Pq77")
-        calls = []
-        for url in (password_url, acl_url):
-            env = _env(settings, url, database_url)
-            calls += [(("status", "--json"), env), (("doctor", "--json"), env), (("doctor",), env)]
+        password_env = _env(settings, password_url, database_url)
+        acl_env = _env(settings, acl_url, database_url)
         wrong_env = _env(settings, wrong, database_url)
-        calls += [(("status",), wrong_env), (("doctor", "--json"), wrong_env)]
         tls_env = _env(settings, tls_url, database_url)
-        calls += [(("status", "--json"), tls_env), (("doctor", "--json"), tls_env)]
-        calls += [(("project", "--drain"), wrong_env)]
-        results = cli_parallel(*calls)
+        # All at once: each call pays an interpreter start-up, none depends on another.
+        (
+            password_status,
+            password_doctor,
+            acl_status,
+            acl_doctor,
+            tls_doctor,
+            wrong_status,
+            wrong_doctor,
+            wrong_worker,
+        ) = results = cli_parallel(
+            (("status", "--json"), password_env),
+            (("doctor",), password_env),  # the rich report, for people
+            (("status", "--json"), acl_env),
+            (("doctor", "--json"), acl_env),
+            (("doctor", "--json"), tls_env),
+            (("status",), wrong_env),
+            (("doctor", "--json"), wrong_env),
+            (("project", "--drain"), wrong_env),
+        )
         printed = [text for r in results for text in (r.stdout, r.stderr)]
-        for result in results[:6]:
+        for result in results[:5]:  # the credentials work (status and doctor read Redis)
             assert result.returncode == 0, (result.args, result.stdout, result.stderr)
-        for doctor in (results[2], results[5]):  # the rich report, for people
-            assert "***@127.0.0.1" in doctor.stdout  # the URL is shown, its password is not
-        assert json.loads(results[1].stdout)["ok"] and json.loads(results[4].stdout)["ok"]
+        assert "redis://:***@127.0.0.1" in password_doctor.stdout  # URL shown, password not
+        assert json.loads(password_status.stdout)["relay"]["reachable"]
+        assert json.loads(acl_status.stdout)["projections"]
+        assert (
+            "redis://alice:***@127.0.0.1"
+            in _checks(json.loads(acl_doctor.stdout))["redis"]["detail"]
+        )
+        tls_check = _checks(json.loads(tls_doctor.stdout))["redis"]
+        assert "rediss://:***@127.0.0.1" in tls_check["detail"]
 
         # Wrong credentials: one error line, exit 1.
-        status, doctor = results[6], results[7]
-        assert status.returncode == 1 and status.stdout == ""
-        lines = status.stderr.strip().splitlines()
+        assert wrong_status.returncode == 1 and wrong_status.stdout == ""
+        lines = wrong_status.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: cannot reach Redis"), lines
-        data = json.loads(doctor.stdout)
-        assert doctor.returncode == 1 and _checks(data)["redis"]["status"] == "error"
+        data = json.loads(wrong_doctor.stdout)
+        assert wrong_doctor.returncode == 1 and _checks(data)["redis"]["status"] == "error"
         assert "authentication" in _checks(data)["redis"]["detail"]
-
-        worker = results[10]  # any command: one line naming the (masked) URL, exit 1
-        assert worker.returncode == 1 and worker.stderr.strip().splitlines() == [
+        # Any other command: one line naming the (masked) URL, exit 1.
+        assert wrong_worker.returncode == 1
+        assert wrong_worker.stderr.strip().splitlines() == [
             f"error: Redis refused the credentials at {wrong.replace('wrong-Pq77', '***')}: "
             "invalid username-password pair or user is disabled."
         ]
-
-        for result in results[8:10]:  # over TLS
-            assert result.returncode == 0, (result.args, result.stdout, result.stderr)
-        tls_check = _checks(json.loads(results[9].stdout))["redis"]
-        assert "rediss://:***@127.0.0.1" in tls_check["detail"]
 
     for text in printed:
         for secret in secrets:
