@@ -15,6 +15,7 @@ import os
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -74,6 +75,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
     rows: list[Row] = []
+    failed: dict[str, str] = {}
     with BenchBackend() as backend:
         ctx = Context(backend, quick=args.quick, repeat=args.repeat)
         description = {**machine(), **backend.describe()}
@@ -85,7 +87,13 @@ def main(argv: list[str] | None = None) -> int:
         )
         for name in args.scenarios:
             t = time.monotonic()
-            rows += runner(name)(ctx)
+            try:
+                rows += runner(name)(ctx)
+            except Exception as exc:  # one broken scenario must not lose the others' figures
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                ctx.say(f"{name}: FAILED: {failed[name]}")
+                traceback.print_exc()
+                continue
             ctx.say(f"{name}: {time.monotonic() - t:.1f}s")
     command = "python -m bench " + " ".join(
         ([*args.scenarios] if argv or len(args.scenarios) < len(SCENARIOS) else [])
@@ -94,6 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(table(rows))
     print(f"\n{len(rows)} rows in {time.monotonic() - started:.0f}s; ratio = project / ceiling")
+    for name, error in failed.items():
+        print(f"scenario {name} FAILED: {error}")
     if args.json:
         args.json.write_text(
             json.dumps(
@@ -109,12 +119,13 @@ def main(argv: list[str] | None = None) -> int:
                     },
                     "seconds": round(time.monotonic() - started, 1),
                     "rows": [r.as_json() for r in rows],
+                    "failed": failed,
                 },
                 indent=2,
             )
             + "\n"
         )
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -43,33 +44,33 @@ def free_port() -> int:
 @contextlib.contextmanager
 def server(args: list[str], env: dict[str, str], port: int) -> Iterator[str]:
     """A uvicorn subprocess on a loopback port; yields its base URL once it answers."""
-    proc = subprocess.Popen(
-        [sys.executable, *args],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(f"{base}/healthz", timeout=1).status_code < 500:
-                    break
-            except httpx.HTTPError:
-                pass
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"server {args} did not start: {proc.stderr.read()[-2000:]}")  # type: ignore[union-attr]
-            time.sleep(0.1)
-        yield base
-    finally:
-        proc.terminate()
+    # The server's output goes to a file: an undrained pipe fills up with access-log lines
+    # and blocks the server mid-run.
+    with tempfile.TemporaryFile(mode="w+") as log:
+        proc = subprocess.Popen(
+            [sys.executable, *args], env=env, stdout=log, stderr=subprocess.STDOUT, text=True
+        )
+        base = f"http://127.0.0.1:{port}"
         try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+            deadline = time.monotonic() + 60
+            while True:
+                try:
+                    if httpx.get(f"{base}/healthz", timeout=1).status_code < 500:
+                        break
+                except httpx.HTTPError:
+                    pass
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"server {args} did not start: {log.read()[-2000:]}")
+                time.sleep(0.1)
+            yield base
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(5)
 
 
 def timed(call: Callable[[Any], Any], ids: list[Any], n: int) -> tuple[list[float], float]:
@@ -133,8 +134,8 @@ def run(ctx: Context) -> list[Row]:
         with (
             server(api_args, api_env, api_port) as api,
             server(raw_args, raw_env, raw_port) as raw,
-            httpx.Client(base_url=api) as api_http,
-            httpx.Client(base_url=raw) as raw_http,
+            httpx.Client(base_url=api, timeout=60) as api_http,
+            httpx.Client(base_url=raw, timeout=60) as raw_http,
         ):
             for rep in range(ctx.repeat):
                 for kind, get in (("product", service.get_product), ("order", service.get_order)):
