@@ -11,7 +11,7 @@ from __future__ import annotations
 from cqrs.events import (
     CustomerRegistered,
     CustomerRenamed,
-    EventEnvelope,
+    EventHeader,
     OrderCancelled,
     OrderPlaced,
     OrderShipped,
@@ -21,7 +21,7 @@ from projector.projection import Projection, cents
 from projector.steps import Step, apply
 
 
-def on_registered(event: EventEnvelope, p: CustomerRegistered, views: ViewKeys) -> list[Step]:
+def on_registered(event: EventHeader, p: CustomerRegistered, views: ViewKeys) -> list[Step]:
     key = views.customer(event.aggregate_id)
     ops = [
         ("set", "id", str(event.aggregate_id)),
@@ -33,12 +33,12 @@ def on_registered(event: EventEnvelope, p: CustomerRegistered, views: ViewKeys) 
     return [apply(key, key, "version", event.version, ops)]
 
 
-def on_renamed(event: EventEnvelope, p: CustomerRenamed, views: ViewKeys) -> list[Step]:
+def on_renamed(event: EventHeader, p: CustomerRenamed, views: ViewKeys) -> list[Step]:
     key = views.customer(event.aggregate_id)
     return [apply(key, key, "version", event.version, [("set", "name", p.name)])]
 
 
-def _order_step(event: EventEnvelope, customer_id: object, views: ViewKeys, ops: list) -> Step:
+def _order_step(event: EventHeader, customer_id: object, views: ViewKeys, ops: list) -> Step:
     return apply(
         views.customer_order_state(customer_id),
         views.customer(customer_id),
@@ -48,17 +48,17 @@ def _order_step(event: EventEnvelope, customer_id: object, views: ViewKeys, ops:
     )
 
 
-def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> list[Step]:
+def on_order_placed(event: EventHeader, p: OrderPlaced, views: ViewKeys) -> list[Step]:
     ops = [("incr", "order_count", 1), ("money", "lifetime_value", cents(p.total))]
     return [_order_step(event, p.customer_id, views, ops)]
 
 
-def on_order_cancelled(event: EventEnvelope, p: OrderCancelled, views: ViewKeys) -> list[Step]:
+def on_order_cancelled(event: EventHeader, p: OrderCancelled, views: ViewKeys) -> list[Step]:
     ops = [("incr", "order_count", -1), ("money", "lifetime_value", -cents(p.total))]
     return [_order_step(event, p.customer_id, views, ops)]
 
 
-def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: ViewKeys) -> list[Step]:
+def on_order_shipped(event: EventHeader, p: OrderShipped, views: ViewKeys) -> list[Step]:
     # Nothing to count, but the order's version must advance so its later events apply.
     return [_order_step(event, p.customer_id, views, [])]
 

@@ -14,7 +14,7 @@ from typing import Any
 from uuid import UUID
 
 from cqrs.events import (
-    EventEnvelope,
+    EventHeader,
     ProductCreated,
     ProductRenamed,
     ProductRepriced,
@@ -43,7 +43,7 @@ def member_id(member: str) -> str:
 
 
 def _steps(
-    event: EventEnvelope,
+    event: EventHeader,
     views: ViewKeys,
     ops: list[tuple[str, str, Any]],
     *,
@@ -100,7 +100,7 @@ def _steps(
     return steps
 
 
-def on_created(event: EventEnvelope, p: ProductCreated, views: ViewKeys) -> list[Step]:
+def on_created(event: EventHeader, p: ProductCreated, views: ViewKeys) -> list[Step]:
     return _steps(
         event,
         views,
@@ -119,19 +119,19 @@ def on_created(event: EventEnvelope, p: ProductCreated, views: ViewKeys) -> list
     )
 
 
-def on_renamed(event: EventEnvelope, p: ProductRenamed, views: ViewKeys) -> list[Step]:
+def on_renamed(event: EventHeader, p: ProductRenamed, views: ViewKeys) -> list[Step]:
     return _steps(event, views, [("set", "name", p.name)], name=True)
 
 
-def on_repriced(event: EventEnvelope, p: ProductRepriced, views: ViewKeys) -> list[Step]:
+def on_repriced(event: EventHeader, p: ProductRepriced, views: ViewKeys) -> list[Step]:
     return _steps(event, views, [("set", "price", f"{p.price:.2f}")], price=True)
 
 
-def on_restocked(event: EventEnvelope, p: ProductRestocked, views: ViewKeys) -> list[Step]:
+def on_restocked(event: EventHeader, p: ProductRestocked, views: ViewKeys) -> list[Step]:
     return _steps(event, views, [("set", "stock", p.stock)])
 
 
-def on_reserved(event: EventEnvelope, p: StockReserved, views: ViewKeys) -> list[Step]:
+def on_reserved(event: EventHeader, p: StockReserved, views: ViewKeys) -> list[Step]:
     return _steps(
         event,
         views,
@@ -144,7 +144,7 @@ def on_reserved(event: EventEnvelope, p: StockReserved, views: ViewKeys) -> list
     )
 
 
-def on_released(event: EventEnvelope, p: StockReleased, views: ViewKeys) -> list[Step]:
+def on_released(event: EventHeader, p: StockReleased, views: ViewKeys) -> list[Step]:
     return _steps(
         event,
         views,

@@ -45,6 +45,8 @@ from projector.scripts import Scripts
 from projector.state import ProjectionState, live_generation, read_state, write_state
 from projector.steps import Step, run_steps
 
+_TYPE_COLUMN = [c.strip() for c in LOG_COLUMNS.split(",")].index("event_type")
+
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]
@@ -195,21 +197,21 @@ class Replayer:
 
     # --- the steps of one event --------------------------------------------------------
 
-    def _steps(self, event: EventEnvelope, views: ViewKeys) -> list[Step] | None:
-        handler = self.projection.handlers.get(event.event_type)
-        if handler is None:
-            return None
-        return handler(event, event.typed_payload(), views)
-
-    def _apply(self, views: ViewKeys, items: list[tuple[str, str, dict[str, str]]]) -> None:
-        """Apply (source, entry id, stream fields) items in order; failures are filed as
-        dead letters, as the live worker would, and never stop the replay."""
+    def _apply(
+        self, views: ViewKeys, items: list[tuple[str, str, dict[str, str] | EventEnvelope]]
+    ) -> None:
+        """Apply (source, entry id, stream fields or log event) items in order; failures
+        are filed as dead letters, as the live worker would, and never stop the replay."""
         per_event: list[list[Step]] = []
         errors: list[str | None] = []
-        for _source, _entry_id, fields in items:
+        projection = self.projection
+        for _source, _entry_id, record in items:
             try:
-                event = EventEnvelope.from_stream_fields(fields)
-                per_event.append(self._steps(event, views) or [])
+                if isinstance(record, EventEnvelope):
+                    steps = projection.steps_of_event(record, views)
+                else:
+                    steps = projection.steps(record, views)
+                per_event.append(steps or [])
                 errors.append(None)
             except Exception as exc:
                 per_event.append([])
@@ -226,7 +228,8 @@ class Replayer:
             if not self._holds_lock():
                 raise ReplayError(f"replay of {self.projection.name} lost its lock")
             pipe = self.redis.pipeline(transaction=False)
-            for (source, entry_id, fields), error in failed:
+            for (source, entry_id, record), error in failed:
+                fields = record.to_stream_fields() if isinstance(record, EventEnvelope) else record
                 pipe.xadd(
                     self.keys.dead_letters(self.projection.name),
                     dead_letter_fields(self.projection.name, source, entry_id, fields, error, 1),
@@ -253,10 +256,14 @@ class Replayer:
                 cursor.execute(f"SELECT {LOG_COLUMNS} FROM events.event_log ORDER BY position")
                 while rows := cursor.fetchmany(self.batch_size):
                     self._check(stop, keeper)
-                    items = []
+                    items: list[tuple[str, str, dict[str, str] | EventEnvelope]] = []
                     for row in rows:
+                        # Rows of types the projection skips are not even turned into
+                        # envelopes.
+                        if self.projection.skips(row[_TYPE_COLUMN]):
+                            continue
                         event = envelope_from_row(row)
-                        items.append(("log", str(event.position), event.to_stream_fields()))
+                        items.append(("log", str(event.position), event))
                     self._apply(views, items)
                     done += len(rows)
                     progress(done, total)

@@ -34,7 +34,7 @@ from typing import Any, Protocol
 import psycopg
 import redis
 
-from cqrs.events import PAYLOAD_TYPES, EventEnvelope, EventError
+from cqrs.events import EventError
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.settings import Settings
 from cqrs.streams import parse_entry_id, stream_partitions
@@ -454,13 +454,7 @@ class Worker:
     def steps_for(self, projection: Projection, fields: dict[str, str]) -> list[Step] | None:
         """The steps of one entry for one projection; None when it does not concern it.
         Raises EventError for anything malformed."""
-        event = EventEnvelope.from_stream_fields(fields)
-        if event.event_type not in PAYLOAD_TYPES:
-            raise EventError(f"unknown event type {event.event_type!r}")
-        handler = projection.handlers.get(event.event_type)
-        if handler is None:
-            return None
-        return handler(event, event.typed_payload(), self.views[projection.name])
+        return projection.steps(fields, self.views[projection.name])
 
     def reapply(self, projection: Projection, letters: list[DeadLetter]) -> list[str | None]:
         """Apply dead letters again, oldest first, in one batch; the error per letter (None
