@@ -54,6 +54,11 @@ class Settings(BaseSettings):
     projector_claim_idle_ms: int = Field(default=10_000, ge=100)
     projector_lease_ms: int = Field(default=5_000, ge=500)
     projector_max_deliveries: int = Field(default=5, ge=1)
+    # Allocations between young-generation garbage collections in a worker process (0:
+    # leave the interpreter's default of 700). A batch allocates and frees tens of
+    # thousands of short-lived objects; at the default, collections cost the worker a
+    # quarter of its CPU (docs/benchmarks.md).
+    projector_gc_threshold: int = Field(default=50_000, ge=0)
 
     replay_lock_ms: int = Field(
         default=15_000, ge=1000, description="TTL of a replay's lock and pause flag (renewed)"

@@ -13,7 +13,7 @@ events' writes is preserved within every round.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -176,28 +176,88 @@ def _execute_round(client: redis.Redis, scripts: Scripts, steps: list[Step]) -> 
     return results
 
 
-def run_steps(client: redis.Redis, scripts: Scripts, per_event: list[list[Step]]) -> BatchOutcome:
+# Round 1 is sent in slices of this many commands while the rest of the batch is still
+# being parsed, so Redis (on another core) executes the first slices meanwhile.
+STREAM_SLICE = 256
+
+
+def _first_round(
+    client: redis.Redis,
+    scripts: Scripts,
+    per_event: Iterable[list[Step]],
+    errors: list[str | None],
+) -> tuple[list[tuple[int, Step]], list[Any]]:
+    """Round 1: every event's first steps, sent while `per_event` is still producing them.
+
+    Building a batch's steps is most of the worker's CPU time, and waiting for a round's
+    replies most of the rest; sending the round in slices as it is built lets Redis
+    execute it concurrently instead of after. The commands go out in event order either
+    way, so the round means the same. An event whose steps cannot even be encoded (a
+    handler bug) fails alone, before anything of it is sent."""
+    pending: list[tuple[int, Step]] = []
+    pool = client.connection_pool
+    conn = pool.get_connection()
+    try:
+        shas = scripts.shas
+        chunk: list[bytes] = []
+        for index, steps in enumerate(per_event):
+            errors.append(None)
+            if not steps:
+                continue
+            try:
+                packed = [_pack(_command_args(step, shas)) for step in steps]
+            except DataError as exc:
+                errors[index] = f"DataError: {exc}"
+                continue
+            pending += [(index, step) for step in steps]
+            chunk += packed
+            if len(chunk) >= STREAM_SLICE:
+                conn.send_packed_command([b"".join(chunk)])
+                chunk.clear()
+        if chunk:
+            conn.send_packed_command([b"".join(chunk)])
+        results = _read_replies(conn, len(pending))
+    except BaseException:
+        conn.disconnect()  # replies may be left unread: never hand this socket out again
+        raise
+    finally:
+        pool.release(conn)
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
+        scripts.load()
+        again = _pipeline(client, [_command_args(pending[i][1], scripts.shas) for i in missing])
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    return pending, results
+
+
+def run_steps(
+    client: redis.Redis, scripts: Scripts, per_event: Iterable[list[Step]]
+) -> BatchOutcome:
     """Run every event's steps in rounds; an error in one event never stops the others.
+
+    `per_event` may be a generator: round 1 is sent while it runs (see `_first_round`).
 
     A version-gated step that finds its predecessor missing is retried in the next round
     when an earlier event of the batch still has steps to run (the predecessor may be one
     of them: an order is created in round 2, its cancel arrives in round 1). Only when no
     earlier event is still in flight is the gap real, and the event fails.
     """
-    outcome = BatchOutcome(errors=[None] * len(per_event))
-    pending: list[tuple[int, Step]] = [(i, s) for i, steps in enumerate(per_event) for s in steps]
-    if pending:
-        scripts.ensure_loaded()
+    outcome = BatchOutcome(errors=[])
+    errors = outcome.errors
+    scripts.ensure_loaded()
+    pending, results = _first_round(client, scripts, per_event, errors)
     while pending:
         outcome.rounds += 1
-        results = _execute_round(client, scripts, [step for _, step in pending])
+        if outcome.rounds > 1:
+            results = _execute_round(client, scripts, [step for _, step in pending])
         follow: list[tuple[int, Step]] = []
         gaps: list[tuple[int, Step]] = []
         for (index, step), result in zip(pending, results, strict=True):
-            if outcome.errors[index] is not None:
+            if errors[index] is not None:
                 continue
             if isinstance(result, Exception):
-                outcome.errors[index] = f"{type(result).__name__}: {result}"
+                errors[index] = f"{type(result).__name__}: {result}"
                 continue
             if step.gated:
                 status = int(result[0])
@@ -212,17 +272,17 @@ def run_steps(client: redis.Redis, scripts: Scripts, per_event: list[list[Step]]
                 try:
                     follow += [(index, s) for s in step.then(result)]
                 except Exception as exc:  # a handler bug is a poison event, not a crash
-                    outcome.errors[index] = f"{type(exc).__name__}: {exc}"
-        in_flight = [i for i, _ in follow if outcome.errors[i] is None]
-        earliest = min(in_flight, default=len(per_event))
+                    errors[index] = f"{type(exc).__name__}: {exc}"
+        in_flight = [i for i, _ in follow if errors[i] is None]
+        earliest = min(in_flight, default=len(errors))
         for index, step in gaps:
             if index > earliest:
                 follow.append((index, step))
             else:
-                outcome.errors[index] = (
+                errors[index] = (
                     f"version {step.args[1]} arrived before its predecessor "
                     "(an earlier event of this aggregate is missing or dead-lettered)"
                 )
         follow.sort(key=lambda item: item[0])  # stable: keeps each event's own step order
-        pending = [(i, s) for i, s in follow if outcome.errors[i] is None]
+        pending = [(i, s) for i, s in follow if errors[i] is None]
     return outcome

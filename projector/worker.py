@@ -20,6 +20,7 @@ dead-letter stream and is acknowledged, so a poison event never stops a projecti
 from __future__ import annotations
 
 import contextlib
+import gc
 import logging
 import math
 import os
@@ -27,7 +28,7 @@ import socket
 import threading
 import time
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -89,6 +90,23 @@ class WorkerStats:
     dead_lettered: int = 0
     skipped: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+
+def tune_gc(threshold: int) -> None:
+    """Collect garbage less often in a process that projects.
+
+    Nearly everything a batch allocates (entry dicts, steps, argument lists) is freed by
+    reference counting alone, yet every 700 allocations CPython runs a young-generation
+    collection, and every 100th of those a full one over every object of the process
+    (pydantic schemas, modules). Measured in-process over 20k events: 58-61 us of CPU
+    per entry at the defaults, 43-46 with a threshold of 20k-100k, 42-45 with collection
+    off. The objects alive at this point (imports, schemas) are moved out of the
+    collector's way for good (`gc.freeze`). Process-wide, like any GC setting."""
+    if threshold <= 0:
+        return
+    gc.freeze()
+    _gen0, gen1, gen2 = gc.get_threshold()
+    gc.set_threshold(threshold, max(gen1, 20), max(gen2, 20))
 
 
 class Worker:
@@ -477,33 +495,42 @@ class Worker:
         return results
 
     def process(self, entries: list[Entry]) -> None:
-        per_event: list[list[Step]] = []
-        errors: list[str | None] = []
+        errors: list[str | None] = []  # per entry: why it could not even be turned into steps
         handled: list[bool] = []  # instrumentation: the projection handles the event type
-        for entry in entries:
-            if entry.fields is None:
-                per_event.append([])
-                errors.append(None)  # trimmed while pending: nothing left to apply
-                handled.append(False)
-                continue
-            try:
-                steps = self.steps_for(entry.slot.projection, entry.fields)
-            except EventError as exc:
-                per_event.append([])
-                errors.append(str(exc))
-                handled.append(False)
-                continue
-            except Exception as exc:  # a handler bug must not stop the projection
-                per_event.append([])
-                errors.append(f"{type(exc).__name__}: {exc}")
-                handled.append(False)
-                continue
-            if steps is None:
-                self.stats.skipped += 1
-            per_event.append(steps or [])
-            errors.append(None)
-            handled.append(steps is not None)
-        outcome = run_steps(self.redis, self.scripts, per_event)
+        views = self.views
+
+        def per_event() -> Iterator[list[Step]]:
+            # A generator: run_steps sends the first steps while later entries are parsed.
+            for entry in entries:
+                fields = entry.fields
+                if fields is None:
+                    errors.append(None)  # trimmed while pending: nothing left to apply
+                    handled.append(False)
+                    yield []
+                    continue
+                projection = entry.slot.projection
+                try:
+                    steps = projection.steps(fields, views[projection.name])
+                except EventError as exc:
+                    errors.append(str(exc))
+                    handled.append(False)
+                    yield []
+                    continue
+                except Exception as exc:  # a handler bug must not stop the projection
+                    errors.append(f"{type(exc).__name__}: {exc}")
+                    handled.append(False)
+                    yield []
+                    continue
+                errors.append(None)
+                if steps is None:
+                    self.stats.skipped += 1
+                    handled.append(False)
+                    yield []
+                else:
+                    handled.append(True)
+                    yield steps
+
+        outcome = run_steps(self.redis, self.scripts, per_event())
         self.stats.applied += outcome.applied
         self.stats.duplicates += outcome.duplicates
         acks: dict[tuple[str, str], list[str]] = {}
@@ -656,6 +683,7 @@ class Worker:
 
     def run(self, stop: threading.Event, *, drain: bool = False) -> None:
         """Project until `stop` is set (or, with `drain`, until everything is applied)."""
+        tune_gc(self.settings.projector_gc_threshold)
         backoff = 0.1
         try:
             while not stop.is_set():
