@@ -1,8 +1,17 @@
 """The `orders` projection: one hash per order, denormalized across the three services.
 
 View `order:{id}`: id, customer_id, customer_name (the customer's *current* name),
-status, lines (JSON: product_id, name and unit_price as at order time, qty, line_total),
-total, placed_at, shipped_at, cancelled_at, version. Index `customer-orders:{customer}`:
+status, line_count, then per line n (1-based) `line:<n>:product_id`, `line:<n>:name`,
+`line:<n>:unit_price` (name and price as at order time), `line:<n>:qty`,
+`line:<n>:line_total`; total, placed_at, shipped_at, cancelled_at, version.
+One field per line attribute keeps every value short, so Redis keeps the hash in its
+compact listpack encoding (values <= `hash-max-listpack-value`, 64 bytes by default; 100
+lines and 9 other fields are 509 fields, under `hash-max-listpack-entries` 512). All lines
+in one JSON field were ~100 bytes per line and made every order view a `hashtable` of ~1.5x
+the bytes. A product or customer name longer than 64 bytes (names may have 200 characters)
+still converts that one view to a `hashtable`: correct, just larger.
+
+Index `customer-orders:{customer}`:
 the customer's orders as a lexicographic sorted set (score 0, member
 `<placed_at ms, zero-padded>:<order id>`), so "newest first" pages by an opaque cursor.
 
@@ -14,7 +23,6 @@ to every order in the customer's index; a new order takes the newest name it kno
 
 from __future__ import annotations
 
-import json
 from datetime import datetime
 from typing import Any
 from uuid import UUID
@@ -30,6 +38,13 @@ from cqrs.events import (
 from cqrs.keys import ViewKeys
 from projector.projection import Projection
 from projector.steps import Step, apply, command, script
+
+LINE_ATTRIBUTES = ("product_id", "name", "unit_price", "qty", "line_total")
+
+
+def line_field(n: int, attribute: str) -> str:
+    """The view field of attribute `attribute` of line `n` (1-based)."""
+    return f"line:{n}:{attribute}"
 
 
 def order_member(placed_at: datetime, order_id: UUID | str) -> str:
@@ -72,20 +87,15 @@ def on_customer_renamed(event: EventEnvelope, p: CustomerRenamed, views: ViewKey
 
 def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> list[Step]:
     order_key = views.order(event.aggregate_id)
-    lines = json.dumps(
-        [
-            {
-                "product_id": str(line.product_id),
-                "name": line.name,
-                "unit_price": f"{line.unit_price:.2f}",
-                "qty": line.qty,
-                "line_total": f"{line.line_total:.2f}",
-            }
-            for line in p.lines
-        ],
-        separators=(",", ":"),
-        ensure_ascii=False,
-    )
+    line_ops: list[tuple[str, str, Any]] = [("set", "line_count", len(p.lines))]
+    for n, line in enumerate(p.lines, start=1):
+        line_ops += [
+            ("set", line_field(n, "product_id"), str(line.product_id)),
+            ("set", line_field(n, "name"), line.name),
+            ("set", line_field(n, "unit_price"), f"{line.unit_price:.2f}"),
+            ("set", line_field(n, "qty"), line.qty),
+            ("set", line_field(n, "line_total"), f"{line.line_total:.2f}"),
+        ]
 
     def create(result: list[Any]) -> list[Step]:
         known_name, known_version = result
@@ -97,7 +107,7 @@ def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> li
             ("set", "customer_id", str(p.customer_id)),
             ("set", "customer_name", name),
             ("set", "status", "placed"),
-            ("set", "lines", lines),
+            *line_ops,
             ("set", "total", f"{p.total:.2f}"),
             ("set", "placed_at", p.placed_at.isoformat()),
         ]
@@ -127,7 +137,8 @@ def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: ViewKeys) -> 
 
 ORDERS = Projection(
     name="orders",
-    version=1,
+    # 2: lines as one field per attribute (was one JSON field `lines`).
+    version=2,
     handlers={
         "CustomerRegistered": on_customer_registered,
         "CustomerRenamed": on_customer_renamed,

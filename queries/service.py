@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import base64
 import binascii
-import json
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -33,6 +32,7 @@ T = TypeVar("T")
 PROJECTIONS = ("products", "customers", "orders")
 MAX_LIMIT = 500
 _SEP = "\x00"
+_LINE_ATTRIBUTES = ("product_id", "name", "unit_price", "qty", "line_total")
 
 
 class _GenerationSwitched(Exception):
@@ -182,7 +182,13 @@ class QueryService:
 
     @staticmethod
     def _order(data: dict[str, str]) -> OrderView:
-        return OrderView.model_validate({**data, "lines": json.loads(data.get("lines", "[]"))})
+        """The view keeps each line attribute in a field of its own (`line:<n>:<attr>`,
+        see projector.orders): short values keep the hash listpack-encoded."""
+        count = int(data.get("line_count") or 0)
+        lines = [
+            {a: data.get(f"line:{n}:{a}") for a in _LINE_ATTRIBUTES} for n in range(1, count + 1)
+        ]
+        return OrderView.model_validate({**data, "lines": lines})
 
     def get_order(self, order_id: UUID | str) -> OrderView:
         oid = _uuid(order_id, "order")

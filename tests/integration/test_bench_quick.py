@@ -56,7 +56,7 @@ EXPECTED = {
     "memory": {
         "product view",
         "order view",
-        "order view vs listpack-sized fields",
+        "order view vs lines as one JSON field",
         "stream entry",
         "worker RSS",
     },

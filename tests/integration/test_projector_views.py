@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from decimal import Decimal
 
 from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
@@ -63,11 +62,11 @@ def test_denormalized_views_follow_every_service(wiring: Wiring) -> None:
     for order_id in orders:
         assert r.hget(views["orders"].order(order_id), "customer_name") == "Ann Smith"
     second = r.hgetall(views["orders"].order(orders[1]))
-    lines = json.loads(second["lines"])
-    assert [(line["name"], line["unit_price"], line["qty"]) for line in lines] == [
-        ("Widget", "2.50", 1),
-        ("Gadget", "10.00", 3),
-    ]
+    assert second["line_count"] == "2"
+    lines = [tuple(second[f"line:{n}:{a}"] for a in ("name", "unit_price", "qty")) for n in (1, 2)]
+    assert lines == [("Widget", "2.50", "1"), ("Gadget", "10.00", "3")]
+    assert second["line:2:product_id"] == str(gadget) and second["line:2:line_total"] == "30.00"
+    assert "lines" not in second
     assert second["total"] == "32.50"
     assert r.hget(views["orders"].order(orders[0]), "status") == "shipped"
     assert r.hget(views["orders"].order(orders[2]), "status") == "cancelled"
@@ -88,3 +87,32 @@ def test_verify_reports_a_tampered_view(wiring: Wiring) -> None:
     wiring.redis.hset(wiring.keys.views("products", 1).product(product), "stock", "99")
     diffs = differences(wiring)
     assert [(d.field, d.expected, d.actual) for d in diffs] == [("stock", "1", "99")]
+
+
+def test_order_views_stay_listpack_encoded_up_to_the_largest_order(wiring: Wiring) -> None:
+    """One field per line attribute keeps every value short: an order of 100 lines (the
+    most a command accepts) stays a compact listpack. A name longer than the server's
+    `hash-max-listpack-value` converts just that view, which still reads back whole."""
+    r = wiring.redis
+    limit = int(r.config_get("hash-max-listpack-value")["hash-max-listpack-value"])
+    products = [
+        run(wiring, CreateProduct(sku=f"L-{n}", name=f"Line item {n}", price="1.25", stock=5)).id
+        for n in range(100)
+    ]
+    long_name = "Ünïcode long name" * 10  # 170 characters, > 64 bytes
+    special = run(wiring, CreateProduct(sku="L-LONG", name=long_name, price="2.00", stock=5)).id
+    ann = run(wiring, RegisterCustomer(email="lines@example.com", name="Ann")).id
+    items = [{"product_id": p, "qty": 1 + n % 3} for n, p in enumerate(products)]
+    big = run(wiring, PlaceOrder(customer_id=ann, items=items)).id
+    long = run(wiring, PlaceOrder(customer_id=ann, items=[{"product_id": special, "qty": 2}])).id
+    drain(wiring)
+
+    views = wiring.keys.views("orders", 1)
+    big_view = r.hgetall(views.order(big))
+    assert big_view["line_count"] == "100" and len(big_view) == 508  # 8 + 5 x 100
+    assert r.object("encoding", views.order(big)) == "listpack"
+    assert [big_view[f"line:{n + 1}:product_id"] for n in range(100)] == [str(p) for p in products]
+    expected = "hashtable" if len(long_name.encode()) > limit else "listpack"
+    assert r.object("encoding", views.order(long)) == expected
+    assert r.hget(views.order(long), "line:1:name") == long_name
+    assert differences(wiring) == []
