@@ -170,15 +170,21 @@ class Worker:
         return math.ceil(total / max(alive, 1))
 
     def refresh_status(self) -> None:
-        """Which projections live workers may touch right now (one round trip per batch):
-        a projection with no valid views must first be built, and a paused one is being
-        switched to a new generation by a replay. Slots of those are given back at once."""
+        """Which projections live workers may touch right now: a projection with no valid
+        views must first be built, and a paused one is being switched to a new generation
+        by a replay. Slots of those are given back at once. In the steady state this
+        rides along with every batch's read (`_read`), costing no round trip of its own."""
         pipe = self.redis.pipeline(transaction=False)
+        self._status_commands(pipe)
+        self._apply_status(pipe.execute())
+
+    def _status_commands(self, pipe: redis.client.Pipeline) -> None:
         for projection in self.projections:
             pipe.hgetall(self.keys.projection_state(projection.name))
             pipe.exists(self.keys.pause(projection.name))
             pipe.exists(self.keys.replay_lock(projection.name))
-        results = pipe.execute()
+
+    def _apply_status(self, results: list[Any]) -> None:
         self.active.clear()
         self.needs_build.clear()
         self.rebuilding.clear()
@@ -212,9 +218,11 @@ class Worker:
                 self._release(slot)
                 del self.owned[key]
 
-    def maintain(self, *, drain: bool = False, force: bool = False) -> None:
-        """Heartbeat, renew held leases, take free slots up to a fair share, give back extras."""
-        self.refresh_status()
+    def maintain(self, *, drain: bool = False, force: bool = False, status: bool = True) -> None:
+        """Heartbeat, renew held leases, take free slots up to a fair share, give back extras.
+        `status=False`: the projections' status is taken as the last read left it."""
+        if status:
+            self.refresh_status()
         lease_ms = self.settings.projector_lease_ms
         if not force and (time.monotonic() - self._last_maintenance) * 1000 < lease_ms / 3:
             return
@@ -352,10 +360,11 @@ class Worker:
         """One pipelined read over every owned slot: claims while recovering, due retries,
         then new entries. Non-blocking; the caller waits for a wake-up when idle."""
         count = self.settings.projector_batch_size
-        slots = list(self.owned.values())
-        if not slots:
+        if not self.owned:
             return []
         pipe = self.redis.pipeline(transaction=False)
+        self._status_commands(pipe)
+        slots = list(self.owned.values())
         kinds: list[str] = []
         for slot in slots:
             group = slot.projection.name
@@ -377,8 +386,19 @@ class Worker:
                 pipe.xreadgroup(group, self.consumer, {slot.stream: ">"}, count=count)
                 kinds.append("new")
         results = pipe.execute(raise_on_error=False)
+        status = results[: 3 * len(self.projections)]
+        for result in status:
+            if isinstance(result, Exception):
+                raise result
+        # The status read in the same round trip: entries of a projection that is no
+        # longer active (paused for a switch, to be rebuilt) are left pending, unapplied;
+        # whoever holds the slot next claims them (a slot is taken over "recovering").
+        self._apply_status(status)
+        results = results[3 * len(self.projections) :]
         entries: list[Entry] = []
         for slot, kind, result in zip(slots, kinds, results, strict=True):
+            if slot.projection.name not in self.active:
+                continue
             if isinstance(result, redis.ResponseError) and "NOGROUP" in str(result):
                 log.error(
                     "consumer group %s on %s is gone (Redis restarted or flushed?); "
@@ -649,7 +669,9 @@ class Worker:
     def run_once(self, *, drain: bool = False) -> int:
         """Maintain leases, read one batch over all owned slots, apply it; returns the
         number of entries handled."""
-        self.maintain(drain=drain)
+        # With slots in hand, the status comes with the read; without, it is needed now
+        # to take slots at all.
+        self.maintain(drain=drain, status=not self.owned)
         started = time.perf_counter()
         entries = self._read()
         if entries:
