@@ -14,6 +14,30 @@ LOG_COLUMNS = (
     " event_type, schema_version, payload, occurred_at"
 )
 
+# The fields of a stream entry, in the order `EventEnvelope.to_stream_fields` writes them,
+# and SQL over `events.event_log e` that yields their values straight from a log row, so
+# the relay can publish without building an envelope (or a dict, or JSON) per event. All
+# text, except `occurred_at`: a timestamptz, to be formatted with `datetime.isoformat()`
+# like the envelope does. `payload::text` is PostgreSQL's rendering of the JSONB (a space
+# after ':' and ','), the same JSON as the envelope's compact dump, parsed the same way.
+STREAM_FIELDS = (
+    "event_id",
+    "type",
+    "schema",
+    "aggregate_type",
+    "aggregate_id",
+    "version",
+    "partition_key",
+    "position",
+    "occurred_at",
+    "payload",
+)
+STREAM_FIELDS_SQL = (
+    "e.event_id::text, e.event_type::text, e.schema_version::text, e.aggregate_type::text,"
+    " e.aggregate_id::text, e.aggregate_version::text, e.partition_key::text,"
+    " e.position::text, e.occurred_at, e.payload::text"
+)
+
 
 def envelope_from_row(row: tuple[Any, ...]) -> EventEnvelope:
     position, event_id, agg_type, agg_id, version, pkey, etype, schema, payload, occurred = row
