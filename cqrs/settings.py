@@ -46,7 +46,7 @@ class Settings(BaseSettings):
     publish_on_commit: bool = Field(
         default=True, description="CLI writes publish their events right after commit"
     )
-    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_batch_size: int = Field(default=2000, ge=1, le=10_000)
     relay_poll_seconds: float = Field(default=1.0, gt=0)
 
     projector_batch_size: int = Field(default=500, ge=1, le=10_000)
