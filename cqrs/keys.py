@@ -131,14 +131,26 @@ class ViewKeys:
     def product_prices(self, product_id: UUID | str) -> str:
         return f"{self.prefix}:product-prices:{{{product_id}}}"
 
+    # The catalog indexes. Each shares a hash tag with a hash of the product version it
+    # last reflects per product (`*_versions`), so an index write can refuse to go back
+    # to an older version in one script call (a worker that stalled past its lease).
     def products_by_name(self) -> str:
-        return f"{self.prefix}:products:by-name"
+        return f"{self.prefix}:products:by-name:{{{self.prefix}:by-name}}"
+
+    def products_by_name_versions(self) -> str:
+        return f"{self.prefix}:products:by-name-versions:{{{self.prefix}:by-name}}"
 
     def products_by_price(self) -> str:
-        return f"{self.prefix}:products:by-price"
+        return f"{self.prefix}:products:by-price:{{{self.prefix}:by-price}}"
+
+    def products_by_price_versions(self) -> str:
+        return f"{self.prefix}:products:by-price-versions:{{{self.prefix}:by-price}}"
 
     def top_products(self) -> str:
-        return f"{self.prefix}:products:top"
+        return f"{self.prefix}:products:top:{{{self.prefix}:top}}"
+
+    def top_products_versions(self) -> str:
+        return f"{self.prefix}:products:top-versions:{{{self.prefix}:top}}"
 
     # customers
     def customer(self, customer_id: UUID | str) -> str:

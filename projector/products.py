@@ -57,46 +57,54 @@ def _steps(
     An index is recomputed from the view only after an event that can change its field;
     the others (a stock change, a sale for the name and price indexes) leave it as it was,
     which keeps the most frequent events (StockReserved) to two commands instead of six.
-    Convergence holds: the upkeep is not gated, so a redelivered event whose first attempt
-    crashed between its write and its index upkeep recomputes the index again.
+    Convergence holds: the upkeep is not gated by the event's version, so a redelivered
+    event whose first attempt crashed between its write and its index upkeep recomputes
+    the index again. It carries the event's version, and the index refuses anything older
+    than the event it already reflects: a worker that stalled past its lease between the
+    two rounds cannot put back a value another worker has since replaced.
     """
-    pid = event.aggregate_id
+    pid = str(event.aggregate_id)
     key = views.product(pid)
+
+    version = event.version
 
     def reindex_top(result: list[Any]) -> list[Step]:
         units_sold = result[1]
         if units_sold is None:
             return []
-        return [command("ZADD", views.top_products(), int(units_sold), str(pid))]
+        top = (views.top_products(), views.top_products_versions())
+        return [script("index", top, (pid, version, int(units_sold), pid))]
 
-    def reindex(tracked: str, index: str, member: Any) -> Any:
+    def reindex(tracked: str, index: tuple[str, str], member: Any) -> Any:
         def follow(result: list[Any]) -> list[Step]:
             current, *known = result
             if current is None:
                 return []
             stale = [v for v in known if v != current]
-            steps = [command("ZADD", index, 0, member(current, pid))]
-            steps += [command("ZREM", index, member(v, pid)) for v in stale]
+            args = (pid, version, 0, member(current, pid), *[member(v, pid) for v in stale])
+            step = script("index", index, args)
             if stale:
-                # Forget stale values only after they left the index (next round).
-                steps[-1].then = lambda _r: [command("SREM", tracked, *stale)]
-            return steps
+                # Forget stale values only after they left the index (next round), and
+                # only if this write was not refused as older than the index.
+                step.then = lambda written: [command("SREM", tracked, *stale)] if written else []
+            return [step]
 
         return follow
 
     if top:
-        steps = [apply(key, key, "version", event.version, ops, ("units_sold",), reindex_top)]
+        steps = [apply(key, key, "version", version, ops, ("units_sold",), reindex_top)]
     else:
-        steps = [apply(key, key, "version", event.version, ops)]
+        steps = [apply(key, key, "version", version, ops)]
     names, prices = views.product_names(pid), views.product_prices(pid)
+    by_name = (views.products_by_name(), views.products_by_name_versions())
+    by_price = (views.products_by_price(), views.products_by_price_versions())
     for wanted, tracked, field, index, member in (
-        (name, names, "name", views.products_by_name(), name_member),
-        (price, prices, "price", views.products_by_price(), price_member),
+        (name, names, "name", by_name, name_member),
+        (price, prices, "price", by_price, price_member),
     ):
         if wanted:
-            steps.append(
-                script("track", (key, tracked), (field,), then=reindex(tracked, index, member))
-            )
+            follow = reindex(tracked, index, member)
+            steps.append(script("track", (key, tracked), (field,), then=follow))
     return steps
 
 
@@ -159,7 +167,8 @@ def on_released(event: EventHeader, p: StockReleased, views: ViewKeys) -> list[S
 
 PRODUCTS = Projection(
     name="products",
-    version=1,
+    # 2: index keys with hash tags and per-product index versions (stale-worker safe).
+    version=2,
     handlers={
         "ProductCreated": on_created,
         "ProductRenamed": on_renamed,

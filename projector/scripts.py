@@ -83,6 +83,23 @@ for _, member in ipairs(redis.call('SMEMBERS', KEYS[2])) do out[#out + 1] = memb
 return out
 """
 
+# An index entry computed for the event of `version`: written only if the index does not
+# already reflect a later event of that aggregate (recorded per id in a hash of the same
+# hash tag). Equal versions write again, so a redelivered event repairs an index update
+# its first attempt did not finish; an older one (a worker that stalled past its lease
+# and woke up after another applied later events) changes nothing.
+# KEYS[1] sorted set, KEYS[2] versions hash; ARGV[1] id, ARGV[2] version, ARGV[3] score,
+# ARGV[4] member to add, ARGV[5..] members to remove. Returns 1 if written, else 0.
+INDEX = r"""
+local stored = tonumber(redis.call('HGET', KEYS[2], ARGV[1]) or '0')
+local version = tonumber(ARGV[2])
+if version < stored then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[3], ARGV[4])
+for i = 5, #ARGV do redis.call('ZREM', KEYS[1], ARGV[i]) end
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
 # HSET only on a view that exists: a fan-out must not create a half view.
 # KEYS[1] hash; ARGV field/value pairs. Returns 1 if written.
 SET_IF_EXISTS = r"""
@@ -117,6 +134,7 @@ return 0
 SOURCES = {
     "apply": APPLY,
     "track": TRACK,
+    "index": INDEX,
     "set_if_exists": SET_IF_EXISTS,
     "zadd_and_read": ZADD_AND_READ,
     "renew_lease": RENEW_LEASE,

@@ -48,6 +48,8 @@ def expected_keys(
     k = wiring.keys
     p, c, o = (k.views(name, 1) for name in ("products", "customers", "orders"))
     keys = {p.products_by_name(), p.products_by_price(), p.top_products(), k.meta()}
+    keys |= {p.products_by_name_versions(), p.products_by_price_versions()}
+    keys |= {p.top_products_versions()}
     for pid in products:
         keys |= {p.product(pid), p.product_names(pid), p.product_prices(pid)}
     for cid in customers:

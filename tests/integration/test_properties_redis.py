@@ -199,7 +199,8 @@ def snapshot(client: redis.Redis, keys: KeyMap) -> dict[str, Any]:
                 value = sorted(client.smembers(key))
             else:
                 raise AssertionError(f"unexpected {kind} at {key}")
-            found[key.removeprefix(keys.ns)] = value
+            # The namespace also appears inside the catalog indexes' hash tags.
+            found[key.replace(keys.ns, "")] = value
     return found
 
 

@@ -250,14 +250,14 @@ def test_a_bumped_projection_version_is_rebuilt_when_a_worker_starts(wiring: Wir
     assert all(s is not None and s.version == PROJECTIONS[p].version for p, s in before.items())
     snapshot = live_snapshot(client, keys)
 
-    bumped = replace(PROJECTIONS["products"], version=2)
+    bumped = replace(PROJECTIONS["products"], version=PROJECTIONS["products"].version + 1)
     projections = [bumped if p.name == "products" else p for p in PROJECTIONS.values()]
     worker = Worker(client, wiring.settings, projections, database_url=wiring.database_url)
     worker.run(threading.Event(), drain=True)
 
     state = read_state(client, keys, "products")
     assert state is not None
-    assert state.version == 2
+    assert state.version == bumped.version
     assert state.generation > before["products"].generation
     assert live_generation(client, keys, "products") == state.generation
     assert keys_of_generation(client, keys, "products", before["products"].generation) == 0
@@ -278,10 +278,10 @@ def test_an_older_worker_leaves_newer_views_alone(wiring: Wiring) -> None:
     from tests.integration.projector_support import drain
 
     drain(wiring)
-    newer = replace(PROJECTIONS["products"], version=2)
+    newer = replace(PROJECTIONS["products"], version=PROJECTIONS["products"].version + 1)
     drain(wiring, [newer])
     built = read_state(wiring.redis, wiring.keys, "products")
-    assert built is not None and built.version == 2
+    assert built is not None and built.version == newer.version
     older = drain(wiring, [PROJECTIONS["products"]])  # drains without touching it
     assert read_state(wiring.redis, wiring.keys, "products") == built
     assert older.newer == {"products"} and older.stats.applied == 0
