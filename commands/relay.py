@@ -115,7 +115,15 @@ class Relay:
         self.metrics: RelayMetrics | None = None  # instrumentation; None = metrics off
 
     def _connect(self) -> psycopg.Connection:
-        return psycopg.connect(libpq_url(self.database_url), autocommit=True)
+        # A relay transaction only deletes outbox rows it has already published; if a
+        # crash loses such a commit, the rows come back and are published again, which
+        # at-least-once delivery allows (projections drop the copies). So it need not
+        # wait for its WAL to reach the disk: measured here, a commit takes 0.22 ms at
+        # p50 and 1.1 ms at p99 with the flush, 0.06 / 0.14 ms without, and every pass
+        # (the next event's latency) waits for the previous pass's commit.
+        conn = psycopg.connect(libpq_url(self.database_url), autocommit=True)
+        conn.execute("SET synchronous_commit TO off")
+        return conn
 
     @property
     def partitions(self) -> int:
