@@ -26,7 +26,7 @@ import logging
 import threading
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +44,7 @@ from projector.projection import Projection
 from projector.scripts import Scripts
 from projector.state import ProjectionState, live_generation, read_state, write_state
 from projector.steps import Step, run_steps
+from projector.worker import tune_gc
 
 _TYPE_COLUMN = [c.strip() for c in LOG_COLUMNS.split(",")].index("event_type")
 
@@ -202,21 +203,24 @@ class Replayer:
     ) -> None:
         """Apply (source, entry id, stream fields or log event) items in order; failures
         are filed as dead letters, as the live worker would, and never stop the replay."""
-        per_event: list[list[Step]] = []
         errors: list[str | None] = []
         projection = self.projection
-        for _source, _entry_id, record in items:
-            try:
-                if isinstance(record, EventEnvelope):
-                    steps = projection.steps_of_event(record, views)
-                else:
-                    steps = projection.steps(record, views)
-                per_event.append(steps or [])
-                errors.append(None)
-            except Exception as exc:
-                per_event.append([])
-                errors.append(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
-        outcome = run_steps(self.redis, self.scripts, per_event)
+
+        def per_event() -> Iterator[list[Step]]:
+            # A generator: run_steps sends the first steps while later items are parsed.
+            for _source, _entry_id, record in items:
+                try:
+                    if isinstance(record, EventEnvelope):
+                        steps = projection.steps_of_event(record, views)
+                    else:
+                        steps = projection.steps(record, views)
+                    errors.append(None)
+                    yield steps or []
+                except Exception as exc:
+                    errors.append(f"{type(exc).__name__}: {exc}" if not str(exc) else str(exc))
+                    yield []
+
+        outcome = run_steps(self.redis, self.scripts, per_event())
         failed = [
             (item, e1 or e2)
             for item, e1, e2 in zip(items, errors, outcome.errors, strict=True)
@@ -388,6 +392,7 @@ class Replayer:
         turn out valid: another worker built them since this one last looked."""
         if source not in ("auto", "stream", "log"):
             raise ReplayError(f"unknown source {source!r} (auto, stream or log)")
+        tune_gc(self.settings.projector_gc_threshold)
         name = self.projection.name
         progress = progress or (lambda _done, _total: None)
         started = time.monotonic()
