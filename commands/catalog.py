@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import uuid
+from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 
-from commands.db import Product
 from commands.errors import Duplicate, InsufficientStock, NotFound
 from commands.fields import MAX_STOCK, Name, Price, Sku
 from commands.results import CommandResult
@@ -50,73 +48,77 @@ class RestockProduct(Command):
         return qty
 
 
-def get_product(uow: UnitOfWork, product_id: uuid.UUID, *, for_update: bool = False) -> Product:
-    query = select(Product).where(Product.id == product_id)
-    if for_update:
-        query = query.with_for_update()
-    product = uow.session.scalars(query).one_or_none()
-    if product is None:
+_INSERT = (
+    "INSERT INTO catalog.products (id, sku, name, price, stock, version)"
+    " VALUES (%s, %s, %s, %s, %s, 1)"
+)
+_READ = "SELECT name, price, stock, version FROM catalog.products WHERE id = %s"
+# Each UPDATE names the version it read: a concurrent change makes it match nothing. They
+# are sent on their own (not folded into the commit statement): a writer blocked on the
+# row lock then shows as this UPDATE in pg_stat_activity.
+_RENAME = "UPDATE catalog.products SET name = %s, version = %s WHERE id = %s AND version = %s"
+_REPRICE = "UPDATE catalog.products SET price = %s, version = %s WHERE id = %s AND version = %s"
+_RESTOCK = "UPDATE catalog.products SET stock = %s, version = %s WHERE id = %s AND version = %s"
+
+
+def get_product(uow: UnitOfWork, product_id: uuid.UUID) -> tuple[str, Decimal, int, int]:
+    """The product's (name, price, stock, version), read without a lock: the versioned
+    UPDATE that follows detects a concurrent change."""
+    row = uow.send(_READ, (product_id,)).fetchone()
+    if row is None:
         raise NotFound(f"product {product_id} not found")
-    return product
+    return row
 
 
 def create_product(cmd: CreateProduct, uow: UnitOfWork) -> CommandResult:
-    if uow.session.get(Product, cmd.product_id) is not None:
-        raise Duplicate(f"product {cmd.product_id} already exists")
-    if uow.session.scalar(select(Product.id).where(Product.sku == cmd.sku)) is not None:
-        raise Duplicate(f"a product with SKU {cmd.sku!r} already exists")
-    product = Product(
-        id=cmd.product_id, sku=cmd.sku, name=cmd.name, price=cmd.price, stock=cmd.stock
+    # No SELECT first: the constraints decide, in the statement that appends the event (two
+    # creates racing on one id or SKU are settled the same way); a reused id is reported
+    # before a reused SKU, as the SELECTs did before.
+    taken = Duplicate(f"product {cmd.product_id} already exists")
+    uow.reject_if_exists(taken, cmd.product_id, "pk_products")
+    uow.reject_on_conflict(
+        Duplicate(f"a product with SKU {cmd.sku!r} already exists"), "uq_products_sku"
     )
-    uow.session.add(product)
-    try:
-        uow.session.flush()
-    except IntegrityError as exc:
-        # Two creates raced past the checks above.
-        if "pk_products" in str(exc.orig):
-            raise Duplicate(f"product {cmd.product_id} already exists") from exc
-        raise Duplicate(f"a product with SKU {cmd.sku!r} already exists") from exc
+    uow.write(_INSERT, (cmd.product_id, cmd.sku, cmd.name, cmd.price, cmd.stock))
     uow.record(
         "product",
-        product.id,
-        product.version,
+        cmd.product_id,
+        1,
         ProductCreated(sku=cmd.sku, name=cmd.name, price=cmd.price, stock=cmd.stock),
     )
-    events = uow.commit()
-    return CommandResult(product.id, product.version, events)
+    return CommandResult(cmd.product_id, 1, uow.commit())
+
+
+def _update(uow: UnitOfWork, sql: str, value: object, product_id: uuid.UUID, read: int) -> int:
+    version = read + 1
+    uow.expect_rows(uow.send(sql, (value, version, product_id, read)), 1, f"product {product_id}")
+    return version
 
 
 def rename_product(cmd: RenameProduct, uow: UnitOfWork) -> CommandResult:
-    product = get_product(uow, cmd.product_id)
-    product.name = cmd.name
-    uow.session.flush()
-    uow.record("product", product.id, product.version, ProductRenamed(name=cmd.name))
-    return CommandResult(product.id, product.version, uow.commit())
+    *_, read = get_product(uow, cmd.product_id)
+    version = _update(uow, _RENAME, cmd.name, cmd.product_id, read)
+    uow.record("product", cmd.product_id, version, ProductRenamed(name=cmd.name))
+    return CommandResult(cmd.product_id, version, uow.commit())
 
 
 def reprice_product(cmd: RepriceProduct, uow: UnitOfWork) -> CommandResult:
-    product = get_product(uow, cmd.product_id)
-    product.price = cmd.price
-    uow.session.flush()
-    uow.record("product", product.id, product.version, ProductRepriced(price=cmd.price))
-    return CommandResult(product.id, product.version, uow.commit())
+    *_, read = get_product(uow, cmd.product_id)
+    version = _update(uow, _REPRICE, cmd.price, cmd.product_id, read)
+    uow.record("product", cmd.product_id, version, ProductRepriced(price=cmd.price))
+    return CommandResult(cmd.product_id, version, uow.commit())
 
 
 def restock_product(cmd: RestockProduct, uow: UnitOfWork) -> CommandResult:
-    product = get_product(uow, cmd.product_id)
-    if product.stock + cmd.qty < 0:
+    _, _, stock, read = get_product(uow, cmd.product_id)
+    if stock + cmd.qty < 0:
         raise InsufficientStock(
-            f"insufficient stock for product {product.id}: "
-            f"cannot remove {-cmd.qty}, only {product.stock} in stock"
+            f"insufficient stock for product {cmd.product_id}: "
+            f"cannot remove {-cmd.qty}, only {stock} in stock"
         )
-    if product.stock + cmd.qty > MAX_STOCK:
-        raise InsufficientStock(f"stock of product {product.id} would exceed {MAX_STOCK}")
-    product.stock += cmd.qty
-    uow.session.flush()
-    uow.record(
-        "product",
-        product.id,
-        product.version,
-        ProductRestocked(delta=cmd.qty, stock=product.stock),
-    )
-    return CommandResult(product.id, product.version, uow.commit())
+    if stock + cmd.qty > MAX_STOCK:
+        raise InsufficientStock(f"stock of product {cmd.product_id} would exceed {MAX_STOCK}")
+    stock += cmd.qty
+    version = _update(uow, _RESTOCK, stock, cmd.product_id, read)
+    uow.record("product", cmd.product_id, version, ProductRestocked(delta=cmd.qty, stock=stock))
+    return CommandResult(cmd.product_id, version, uow.commit())

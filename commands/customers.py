@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import uuid
+from typing import Any
 
+import psycopg
 from pydantic import EmailStr, Field
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
 
 from commands.catalog import Command
-from commands.db import MAX_EMAIL, Customer
+from commands.db import MAX_EMAIL
 from commands.errors import Duplicate, NotFound
 from commands.fields import Name
 from commands.results import CommandResult
@@ -28,42 +28,45 @@ class RenameCustomer(Command):
     name: Name
 
 
-def get_customer(uow: UnitOfWork, customer_id: uuid.UUID, *, for_share: bool = False) -> Customer:
-    query = select(Customer).where(Customer.id == customer_id)
-    if for_share:
-        query = query.with_for_update(read=True)
-    customer = uow.session.scalars(query).one_or_none()
-    if customer is None:
+_INSERT = "INSERT INTO customers.customers (id, email, name, version) VALUES (%s, %s, %s, 1)"
+_READ = "SELECT name, version FROM customers.customers WHERE id = %s"
+_READ_FOR_SHARE = _READ + " FOR SHARE"
+_RENAME = "UPDATE customers.customers SET name = %s, version = %s WHERE id = %s AND version = %s"
+
+
+def send_customer_read(
+    uow: UnitOfWork, customer_id: uuid.UUID, *, for_share: bool = False
+) -> psycopg.Cursor[Any]:
+    """Queue the read of a customer's (name, version); pass the cursor to
+    `fetch_customer`. Queued, so a caller can send other reads in the same round trip."""
+    return uow.send(_READ_FOR_SHARE if for_share else _READ, (customer_id,))
+
+
+def fetch_customer(cursor: psycopg.Cursor[Any], customer_id: uuid.UUID) -> tuple[str, int]:
+    row = cursor.fetchone()
+    if row is None:
         raise NotFound(f"customer {customer_id} not found")
-    return customer
+    return row
 
 
 def register_customer(cmd: RegisterCustomer, uow: UnitOfWork) -> CommandResult:
     email = str(cmd.email)
-    if uow.session.get(Customer, cmd.customer_id) is not None:
-        raise Duplicate(f"customer {cmd.customer_id} already exists")
-    taken = uow.session.scalar(
-        select(Customer.id).where(func.lower(Customer.email) == email.lower())
+    # No SELECT first: the constraints decide, in the statement that appends the event; a
+    # reused id is reported before a reused email, as the SELECTs did before.
+    taken = Duplicate(f"customer {cmd.customer_id} already exists")
+    uow.reject_if_exists(taken, cmd.customer_id, "pk_customers")
+    uow.reject_on_conflict(
+        Duplicate(f"a customer with email {email!r} already exists"), "uq_customers_email_lower"
     )
-    if taken is not None:
-        raise Duplicate(f"a customer with email {email!r} already exists")
-    customer = Customer(id=cmd.customer_id, email=email, name=cmd.name)
-    uow.session.add(customer)
-    try:
-        uow.session.flush()
-    except IntegrityError as exc:
-        if "pk_customers" in str(exc.orig):
-            raise Duplicate(f"customer {cmd.customer_id} already exists") from exc
-        raise Duplicate(f"a customer with email {email!r} already exists") from exc
-    uow.record(
-        "customer", customer.id, customer.version, CustomerRegistered(email=email, name=cmd.name)
-    )
-    return CommandResult(customer.id, customer.version, uow.commit())
+    uow.write(_INSERT, (cmd.customer_id, email, cmd.name))
+    uow.record("customer", cmd.customer_id, 1, CustomerRegistered(email=email, name=cmd.name))
+    return CommandResult(cmd.customer_id, 1, uow.commit())
 
 
 def rename_customer(cmd: RenameCustomer, uow: UnitOfWork) -> CommandResult:
-    customer = get_customer(uow, cmd.customer_id)
-    customer.name = cmd.name
-    uow.session.flush()
-    uow.record("customer", customer.id, customer.version, CustomerRenamed(name=cmd.name))
-    return CommandResult(customer.id, customer.version, uow.commit())
+    _, read = fetch_customer(send_customer_read(uow, cmd.customer_id), cmd.customer_id)
+    version = read + 1
+    renamed = uow.send(_RENAME, (cmd.name, version, cmd.customer_id, read))
+    uow.expect_rows(renamed, 1, f"customer {cmd.customer_id}")
+    uow.record("customer", cmd.customer_id, version, CustomerRenamed(name=cmd.name))
+    return CommandResult(cmd.customer_id, version, uow.commit())

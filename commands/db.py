@@ -1,7 +1,11 @@
-"""SQLAlchemy models of the write side and the factories for engines and sessions.
+"""SQLAlchemy models of the write side and the factory for sessions.
 
 Each service owns one PostgreSQL schema; the event log and the outbox live in `events`.
-Relationships are `lazy="raise"` so an accidental N+1 is an error, not a slow query.
+The models describe the schema (a test keeps them and the migrations in agreement) for
+tools and ad-hoc sessions; the command handlers do not load them: they write with
+explicit SQL on the engine's pooled connections (commands/uow.py), because the ORM's unit
+of work cost more Python per command than everything else together. Relationships are
+`lazy="raise"` so an accidental N+1 is an error, not a slow query.
 """
 
 from __future__ import annotations
@@ -101,8 +105,8 @@ class Product(Base):
     version: Mapped[int] = mapped_column(Integer)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
 
-    # SQLAlchemy adds "AND version = :old" to every UPDATE and raises StaleDataError when a
-    # concurrent transaction got there first: optimistic concurrency without hand-written SQL.
+    # For ORM sessions: SQLAlchemy adds "AND version = :old" to every UPDATE. The command
+    # handlers write the same guard explicitly (commands/catalog.py, commands/orders.py).
     __mapper_args__ = {"version_id_col": version}
 
 
@@ -163,4 +167,6 @@ class OrderLineRow(Base):
 
 
 def make_session_factory(engine: Engine) -> sessionmaker:
+    """What callers hand to `commands.handlers.execute`: commands borrow connections from
+    the pool of the engine it is bound to."""
     return sessionmaker(engine, expire_on_commit=False, autoflush=False)

@@ -29,3 +29,9 @@ class Duplicate(CommandRejected):
 
 class InvalidTransition(CommandRejected):
     pass
+
+
+class StaleVersion(Exception):
+    """A versioned UPDATE matched no row: another transaction changed the aggregate after
+    this one read it. Not a rejection: the command bus retries the whole command, and
+    only when retries run out does the caller see a `Conflict`."""

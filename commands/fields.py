@@ -15,10 +15,15 @@ MAX_QTY = 1_000_000
 MAX_STOCK = 1_000_000_000
 
 
+_HIDDEN = frozenset({"Cc", "Cf", "Cs", "Co"})
+
+
 def _clean_text(value: str) -> str:
     """Reject control and invisible format characters: they corrupt terminals and logs,
     and a name that looks blank is no name."""
-    if any(unicodedata.category(ch) in {"Cc", "Cf", "Cs", "Co"} for ch in value):
+    # isprintable() is False for every character of those categories (and for a few more,
+    # e.g. non-ASCII spaces): only such strings need the per-character look-up.
+    if not value.isprintable() and any(unicodedata.category(ch) in _HIDDEN for ch in value):
         raise ValueError("must not contain control characters")
     if not value.strip():
         raise ValueError("must not be blank")

@@ -12,15 +12,16 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import psycopg
 from psycopg import errors as pg_errors
-from sqlalchemy.exc import DBAPIError, IntegrityError
+from sqlalchemy import Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
-from sqlalchemy.orm.exc import StaleDataError
 
 from commands import catalog, customers, orders
-from commands.errors import Conflict
+from commands.errors import Conflict, StaleVersion
 from commands.results import CommandResult
-from commands.uow import UnitOfWork
+from commands.uow import EVENT_VERSION_TAKEN, UnitOfWork
 
 Handler = Callable[[Any, UnitOfWork], CommandResult]
 
@@ -39,29 +40,35 @@ HANDLERS: dict[type, Handler] = {
 _RETRYABLE_PG = (pg_errors.DeadlockDetected, pg_errors.SerializationFailure)
 
 
-def _is_retryable(exc: Exception) -> bool:
-    if isinstance(exc, StaleDataError):
-        return True
-    if isinstance(exc, IntegrityError):
+def _is_retryable(exc: psycopg.Error) -> bool:
+    if isinstance(exc, pg_errors.UniqueViolation):
         # Two writers appended the same aggregate version: the loser retries.
-        return "uq_event_log_aggregate_type" in str(exc.orig)
-    return isinstance(exc, DBAPIError) and isinstance(exc.orig, _RETRYABLE_PG)
+        return exc.diag.constraint_name == EVENT_VERSION_TAKEN
+    return isinstance(exc, _RETRYABLE_PG)
 
 
-def execute(command: object, session_factory: sessionmaker, *, retries: int = 5) -> CommandResult:
-    """Run one command to completion or raise CommandRejected; nothing half-written."""
+def execute(
+    command: object, session_factory: sessionmaker | Engine, *, retries: int = 5
+) -> CommandResult:
+    """Run one command to completion or raise CommandRejected; nothing half-written.
+
+    Database errors reach the caller as SQLAlchemy's `DBAPIError` subclasses (with the
+    psycopg error as `.orig`), as they did when the handlers used the ORM: the CLI and
+    other callers tell an unreachable server from a bug by them."""
     handler = HANDLERS[type(command)]
     for attempt in range(retries + 1):
         try:
             with UnitOfWork(session_factory) as uow:
                 return handler(command, uow)
-        except (StaleDataError, IntegrityError, DBAPIError) as exc:
+        except StaleVersion:
+            pass
+        except psycopg.Error as exc:
             if not _is_retryable(exc):
-                raise
-            # Jittered backoff: writers that collided once should not collide again in
-            # lockstep on a hot aggregate.
-            if attempt < retries:
-                time.sleep(random.uniform(0, 0.002 * (2**attempt)))
+                raise DBAPIError.instance(None, None, exc, psycopg.Error) from exc
+        # Jittered backoff: writers that collided once should not collide again in
+        # lockstep on a hot aggregate.
+        if attempt < retries:
+            time.sleep(random.uniform(0, 0.002 * (2**attempt)))
     raise Conflict(
         f"{type(command).__name__} lost {retries + 1} concurrent-update races in a row; try again"
     )

@@ -7,18 +7,17 @@ stock in its own transaction. A split deployment would turn this into a reservat
 
 from __future__ import annotations
 
+import json
 import uuid
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from decimal import Decimal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
-from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
-from sqlalchemy.orm import selectinload
 
 from commands.catalog import Command
-from commands.customers import get_customer
-from commands.db import MAX_ORDER_LINES, Order, OrderLineRow, Product
+from commands.db import MAX_ORDER_LINES
 from commands.errors import Duplicate, InsufficientStock, InvalidTransition, NotFound
 from commands.fields import Quantity
 from commands.results import CommandResult
@@ -64,24 +63,90 @@ class ShipOrder(Command):
     order_id: uuid.UUID
 
 
-def _lock_products(uow: UnitOfWork, ids: list[uuid.UUID]) -> dict[uuid.UUID, Product]:
-    """Lock in id order: two orders over the same products then queue instead of
-    deadlocking."""
-    rows = uow.session.scalars(
-        select(Product).where(Product.id.in_(ids)).order_by(Product.id).with_for_update()
-    ).all()
-    return {p.id: p for p in rows}
+# Products are locked in id order: two orders over the same products then queue instead of
+# deadlocking.
+_LOCK_PRODUCTS = (
+    "SELECT id, name, price, stock, version FROM catalog.products"
+    " WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+)
+# Everything an order placement reads, in one statement: whether the order id is taken,
+# the customer (FOR SHARE: a concurrent rename waits for this order to commit, so the
+# name captured here is the one the event log orders before the rename) and the products
+# (locked as above). One row per product found, at least one row.
+_READ_FOR_PLACING = (
+    "WITH customer AS MATERIALIZED ("
+    "SELECT name, version FROM customers.customers WHERE id = %s FOR SHARE),"
+    f" locked AS MATERIALIZED ({_LOCK_PRODUCTS})"
+    " SELECT EXISTS (SELECT FROM orders.orders WHERE id = %s), c.name, c.version,"
+    " l.id, l.name, l.price, l.stock, l.version"
+    " FROM (SELECT) AS one LEFT JOIN customer AS c ON true LEFT JOIN locked AS l ON true"
+)
+_INSERT_ORDER = (
+    "INSERT INTO orders.orders (id, customer_id, status, total, placed_at, version)"
+    " VALUES (%s, %s, 'placed', %s, %s, 1)"
+)
+# Lines and stock changes travel as one JSON array each, whatever the number of lines.
+_INSERT_LINES = (
+    "INSERT INTO orders.order_lines (order_id, line_no, product_id, name, unit_price, qty,"
+    " line_total) SELECT order_id, line_no, product_id, name, unit_price, qty, line_total"
+    " FROM jsonb_populate_recordset(NULL::orders.order_lines, %s::jsonb)"
+)
+# Each product row is guarded by the version it was read (and locked) at.
+_UPDATE_STOCK = (
+    "UPDATE catalog.products AS p SET stock = v.stock, version = v.version + 1"
+    " FROM jsonb_populate_recordset(NULL::catalog.products, %s::jsonb) AS v"
+    " WHERE p.id = v.id AND p.version = v.version"
+)
+_READ_ORDER = (
+    "SELECT customer_id, status, total, version FROM orders.orders WHERE id = %s FOR UPDATE"
+)
+_READ_LINES = (
+    "SELECT product_id, unit_price, qty FROM orders.order_lines WHERE order_id = %s"
+    " ORDER BY line_no"
+)
+_CANCEL = (
+    "UPDATE orders.orders SET status = 'cancelled', cancelled_at = %s, version = %s"
+    " WHERE id = %s AND version = %s"
+)
+_SHIP = (
+    "UPDATE orders.orders SET status = 'shipped', shipped_at = %s, version = %s"
+    " WHERE id = %s AND version = %s"
+)
+
+
+class _Locked:
+    """A product row locked FOR UPDATE."""
+
+    __slots__ = ("id", "name", "price", "stock", "version")
+
+    def __init__(self, row: Sequence[Any]) -> None:
+        self.id, self.name, self.price, self.stock, self.version = row
+
+
+def _update_stock(uow: UnitOfWork, changes: list[tuple[_Locked, int]]) -> None:
+    """Write the new stock of locked products; each gets version + 1."""
+    rows = [{"id": str(p.id), "version": p.version, "stock": stock} for p, stock in changes]
+    uow.write(
+        _UPDATE_STOCK,
+        (json.dumps(rows, separators=(",", ":")),),
+        expect_rows=len(rows),
+        what="a product of this order",
+    )
 
 
 def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> CommandResult:
-    # FOR SHARE: a concurrent rename waits for this order to commit, so the name captured
-    # here is the one the event log orders before the rename.
-    if uow.session.get(Order, cmd.order_id) is not None:
+    read = uow.send(
+        _READ_FOR_PLACING, (cmd.customer_id, [i.product_id for i in cmd.items], cmd.order_id)
+    ).fetchall()
+    order_exists, customer_name, customer_version = read[0][:3]
+    if order_exists:
         raise Duplicate(f"order {cmd.order_id} already exists")
-    customer = get_customer(uow, cmd.customer_id, for_share=True)
-    products = _lock_products(uow, [i.product_id for i in cmd.items])
+    if customer_name is None:
+        raise NotFound(f"customer {cmd.customer_id} not found")
+    products = {row[3]: _Locked(row[3:]) for row in read if row[3] is not None}
     now = datetime.now(UTC)
     lines: list[OrderLine] = []
+    taken_from: list[tuple[_Locked, int]] = []
     for item in cmd.items:
         product = products.get(item.product_id)
         if product is None:
@@ -91,7 +156,7 @@ def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> CommandResult:
                 f"insufficient stock for product {product.id}: "
                 f"requested {item.qty}, available {product.stock}"
             )
-        product.stock -= item.qty
+        taken_from.append((product, product.stock - item.qty))
         lines.append(
             OrderLine(
                 product_id=product.id,
@@ -102,112 +167,100 @@ def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> CommandResult:
             )
         )
     total = sum((line.line_total for line in lines), Decimal("0.00"))
-    order = Order(
-        id=cmd.order_id, customer_id=customer.id, status="placed", total=total, placed_at=now
+    placed = OrderPlaced(
+        customer_id=cmd.customer_id,
+        customer_name=customer_name,
+        customer_version=customer_version,
+        lines=lines,
+        total=total,
+        placed_at=now,
     )
-    order.lines = [
-        OrderLineRow(
-            line_no=n,
-            product_id=line.product_id,
-            name=line.name,
-            unit_price=line.unit_price,
-            qty=line.qty,
-            line_total=line.line_total,
-        )
-        for n, line in enumerate(lines, start=1)
+    # The same order id racing past the check above fails on the primary key.
+    taken = Duplicate(f"order {cmd.order_id} already exists")
+    uow.reject_if_exists(taken, cmd.order_id, "pk_orders")
+    uow.write(_INSERT_ORDER, (cmd.order_id, cmd.customer_id, total, now))
+    _update_stock(uow, taken_from)
+    stored = uow.record("order", cmd.order_id, 1, placed, partition_key=cmd.customer_id)
+    # The event's lines (JSON form) are exactly the order_lines rows, plus their numbers.
+    line_rows = [
+        {"order_id": str(cmd.order_id), "line_no": n, **line}
+        for n, line in enumerate(stored["lines"], start=1)
     ]
-    uow.session.add(order)
-    try:
-        uow.session.flush()
-    except IntegrityError as exc:  # the same order id raced past the check above
-        raise Duplicate(f"order {cmd.order_id} already exists") from exc
-    uow.record(
-        "order",
-        order.id,
-        order.version,
-        OrderPlaced(
-            customer_id=customer.id,
-            customer_name=customer.name,
-            customer_version=customer.version,
-            lines=lines,
-            total=total,
-            placed_at=now,
-        ),
-        partition_key=customer.id,
-    )
-    for line in lines:
-        product = products[line.product_id]
+    uow.write(_INSERT_LINES, (json.dumps(line_rows, separators=(",", ":")),))
+    for (product, stock), line in zip(taken_from, lines, strict=True):
         uow.record(
             "product",
             product.id,
-            product.version,
+            product.version + 1,
             StockReserved(
-                order_id=order.id, qty=line.qty, unit_price=line.unit_price, stock=product.stock
+                order_id=cmd.order_id, qty=line.qty, unit_price=line.unit_price, stock=stock
             ),
         )
-    return CommandResult(order.id, order.version, uow.commit())
+    return CommandResult(cmd.order_id, 1, uow.commit())
 
 
-def _get_order(uow: UnitOfWork, order_id: uuid.UUID) -> Order:
-    order = uow.session.scalars(
-        select(Order)
-        .where(Order.id == order_id)
-        .options(selectinload(Order.lines))
-        .with_for_update(of=Order)
-    ).one_or_none()
-    if order is None:
+def _read_order(
+    uow: UnitOfWork, order_id: uuid.UUID
+) -> tuple[uuid.UUID, str, Decimal, int, list[tuple[uuid.UUID, Decimal, int]]]:
+    """The order, locked, and its lines (written once with the order, never changed),
+    in one round trip."""
+    order = uow.send(_READ_ORDER, (order_id,))
+    lines = uow.send(_READ_LINES, (order_id,))
+    row = order.fetchone()
+    if row is None:
         raise NotFound(f"order {order_id} not found")
-    return order
+    customer_id, status, total, version = row
+    return customer_id, status, total, version, lines.fetchall()
 
 
 def cancel_order(cmd: CancelOrder, uow: UnitOfWork) -> CommandResult:
-    order = _get_order(uow, cmd.order_id)
-    if order.status == "shipped":
-        raise InvalidTransition(f"order {order.id} is shipped and cannot be cancelled")
-    if order.status == "cancelled":
-        raise InvalidTransition(f"order {order.id} is already cancelled")
-    products = _lock_products(uow, [line.product_id for line in order.lines])
+    customer_id, status, total, read, lines = _read_order(uow, cmd.order_id)
+    if status == "shipped":
+        raise InvalidTransition(f"order {cmd.order_id} is shipped and cannot be cancelled")
+    if status == "cancelled":
+        raise InvalidTransition(f"order {cmd.order_id} is already cancelled")
+    locked = uow.send(_LOCK_PRODUCTS, ([pid for pid, _, _ in lines],)).fetchall()
+    products = {row[0]: _Locked(row) for row in locked}
     now = datetime.now(UTC)
-    order.status = "cancelled"
-    order.cancelled_at = now
-    for line in order.lines:
-        products[line.product_id].stock += line.qty
-    uow.session.flush()
+    version = read + 1
+    uow.write(
+        _CANCEL, (now, version, cmd.order_id, read), expect_rows=1, what=f"order {cmd.order_id}"
+    )
+    released = [(products[pid], products[pid].stock + qty) for pid, _, qty in lines]
+    _update_stock(uow, released)
     uow.record(
         "order",
-        order.id,
-        order.version,
-        OrderCancelled(customer_id=order.customer_id, total=order.total, cancelled_at=now),
-        partition_key=order.customer_id,
+        cmd.order_id,
+        version,
+        OrderCancelled(customer_id=customer_id, total=total, cancelled_at=now),
+        partition_key=customer_id,
     )
-    for line in order.lines:
-        product = products[line.product_id]
+    for (product, stock), (_, unit_price, qty) in zip(released, lines, strict=True):
         uow.record(
             "product",
             product.id,
-            product.version,
-            StockReleased(
-                order_id=order.id, qty=line.qty, unit_price=line.unit_price, stock=product.stock
-            ),
+            product.version + 1,
+            StockReleased(order_id=cmd.order_id, qty=qty, unit_price=unit_price, stock=stock),
         )
-    return CommandResult(order.id, order.version, uow.commit())
+    return CommandResult(cmd.order_id, version, uow.commit())
 
 
 def ship_order(cmd: ShipOrder, uow: UnitOfWork) -> CommandResult:
-    order = _get_order(uow, cmd.order_id)
-    if order.status == "cancelled":
-        raise InvalidTransition(f"order {order.id} is cancelled and cannot be shipped")
-    if order.status == "shipped":
-        raise InvalidTransition(f"order {order.id} is already shipped")
+    customer_id, status, _, read, _ = _read_order(uow, cmd.order_id)
+    if status == "cancelled":
+        raise InvalidTransition(f"order {cmd.order_id} is cancelled and cannot be shipped")
+    if status == "shipped":
+        raise InvalidTransition(f"order {cmd.order_id} is already shipped")
     now = datetime.now(UTC)
-    order.status = "shipped"
-    order.shipped_at = now
-    uow.session.flush()
+    version = read + 1
+    uow.write(
+        _SHIP, (now, version, cmd.order_id, read), expect_rows=1, what=f"order {cmd.order_id}"
+    )
     uow.record(
         "order",
-        order.id,
-        order.version,
-        OrderShipped(customer_id=order.customer_id, shipped_at=now),
-        partition_key=order.customer_id,
+        cmd.order_id,
+        version,
+        OrderShipped(customer_id=customer_id, shipped_at=now),
+        partition_key=customer_id,
     )
-    return CommandResult(order.id, order.version, uow.commit())
+    return CommandResult(cmd.order_id, version, uow.commit())
