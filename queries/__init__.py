@@ -7,12 +7,13 @@ Other services use it as::
     product = service.get_product(product_id)
 """
 
-from queries.errors import BadCursor, NotCaughtUp, NotFound
+from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
 from queries.models import CustomerView, OrderLineView, OrderView, Page, ProductView
 from queries.service import QueryService
 
 __all__ = [
     "BadCursor",
+    "BadView",
     "CustomerView",
     "NotCaughtUp",
     "NotFound",

@@ -17,7 +17,7 @@ from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
 from cqrs.console import EXIT_USAGE, fail, out, print_json
 from cqrs.tokens import TokenError
 from cqrs.wiring import Wiring
-from queries.errors import BadCursor, NotCaughtUp, NotFound
+from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
 from queries.models import CustomerView, OrderView, Page, ProductView
 from queries.service import QueryService
 
@@ -41,7 +41,7 @@ def service(after: str | None, timeout: float) -> Iterator[QueryService]:
         fail(str(exc), EXIT_USAGE)
     except BadCursor as exc:
         fail(str(exc), EXIT_USAGE)
-    except (NotFound, NotCaughtUp) as exc:
+    except (NotFound, NotCaughtUp, BadView) as exc:
         fail(str(exc))
     finally:
         wiring.close()

@@ -13,5 +13,11 @@ class BadCursor(QueryError):
     """A pagination cursor that this API did not hand out."""
 
 
+class BadView(QueryError):
+    """A view our projections could not have written (edited by hand, corrupted, a key of
+    another type): the query names the key and the problem instead of half-reading it.
+    `cqrs verify` compares it with PostgreSQL; a rebuild (`cqrs replay`) rewrites it."""
+
+
 class NotCaughtUp(QueryError):
     """Read-your-writes gave up: the projections did not reach the token in time."""

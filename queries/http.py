@@ -1,22 +1,30 @@
 """The HTTP query API: the same views as `cqrs query`, as JSON over HTTP.
 
-Read only, Redis only: the app holds one QueryService (built in the lifespan from settings,
-never at import time) and nothing that could reach PostgreSQL, so it keeps answering while
-the write side is down.
+Read only, Redis only: the app holds one QueryService and one async get-by-id reader (both
+built in the lifespan from settings, never at import time) and nothing that could reach
+PostgreSQL, so it keeps answering while the write side is down.
 
 Conventions every endpoint keeps:
-- bodies are the pydantic views dumped in JSON mode (field names as in the views); lists
+- bodies are the pydantic views serialised to JSON (field names as in the views); lists
   are `{"items": [...], "next_cursor": ...}`, top products `{"items": [...]}`;
 - errors are `{"error": <slug>, "detail": <one line>}`: 400 bad request (bad cursor, sort,
   limit, token; FastAPI's 422 validation errors are turned into 400 too), 404 not found,
-  503 Redis unreachable, 504 read-your-writes gave up;
+  500 `bad_view` (a view our projections could not have written), 503 Redis unreachable,
+  504 read-your-writes gave up;
 - `?after=TOKEN[&timeout=s]` waits until the views reflect the write that printed TOKEN;
 - `ETag` + `Cache-Control: no-cache` on every read, `If-None-Match` answered with 304.
 
-The query service is synchronous (redis-py), so every path function and dependency is a
-plain `def`: FastAPI runs them in its threadpool and the event loop never blocks, not
-even while `?after=` waits up to 30 s. The QueryService is shared by those threads: its
-Redis client is a thread-safe pool and its only state is a cache of live generations.
+Get-by-id (`/products/{id}`, `/customers/{id}`, `/orders/{id}`) is `async`: it reads on
+redis.asyncio (`queries.aio.AsyncViews`, the same round trip and models as the query
+service) and answers with the body serialised once, straight from the model to JSON
+bytes, hashed once for the ETag. Running a sync function in FastAPI's threadpool costs a
+thread hand-off each way, more than the Redis round trip itself, and every sync
+dependency adds one more. The other endpoints call the synchronous QueryService
+(redis-py) from plain `def` functions, so FastAPI runs them in its threadpool; the
+`?after=` wait is a blocking pub/sub wait on the same service, run in the threadpool
+from the async dependency, so the event loop never blocks, even while it waits up to
+30 s. The QueryService is shared by those threads: its Redis client is a thread-safe
+pool and its only state is a cache of live generations.
 """
 
 from __future__ import annotations
@@ -31,6 +39,7 @@ from typing import Any, Literal
 
 import redis
 from fastapi import Depends, FastAPI, Query, Request
+from fastapi.concurrency import run_in_threadpool
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -41,7 +50,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cqrs.settings import Settings
 from cqrs.tokens import TokenError
 from cqrs.urls import mask_url
-from queries.errors import BadCursor, NotCaughtUp, NotFound
+from queries.aio import AsyncViews, ThreadpoolViews, make_async_redis
+from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
 from queries.models import CustomerView, OrderView, Page, ProductView
 from queries.service import MAX_LIMIT, QueryService
 
@@ -49,6 +59,7 @@ TITLE = "cqrs-projector query API"
 MAX_WAIT_SECONDS = 30.0
 
 ServiceFactory = Callable[[], QueryService]
+ViewsFactory = Callable[[], AsyncViews]
 
 
 # --- response shapes that are not views ------------------------------------------------
@@ -94,21 +105,26 @@ def _etag_matches(if_none_match: str | None, etag: str) -> bool:
     return any(tag.strip().removeprefix("W/") == opaque for tag in if_none_match.split(","))
 
 
-def view_response(request: Request, payload: Any) -> Response:
+def view_response(request: Request, body: bytes) -> Response:
     """The JSON body with an ETag, or 304 when the client already holds that body.
 
     The ETag is a hash of the body, not `<generation>-<version>` of the view: a view's
     `version` is its own aggregate's version, yet other aggregates' events change it too
     (an order's `customer_name` on a customer rename, a customer's `order_count` and
     `lifetime_value` on order events), and a version-based tag would answer 304 with
-    stale data. Hashing the few hundred bytes we send anyway is exact and cheap.
+    stale data. Hashing the few hundred bytes we send anyway is exact and cheap (~1 us).
     """
-    body = _json_bytes(payload)
     etag = f'W/"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}
     if _etag_matches(request.headers.get("if-none-match"), etag):
         return Response(status_code=304, headers=headers)
     return Response(body, media_type="application/json", headers=headers)
+
+
+def model_body(model: BaseModel) -> bytes:
+    """The model as compact JSON, serialised by pydantic-core straight to bytes: the same
+    text as `json.dumps(model.model_dump(mode="json"))` without the intermediate dicts."""
+    return type(model).__pydantic_serializer__.to_json(model)
 
 
 def _error(status: int, error: str, detail: str, headers: dict[str, str] | None = None) -> Response:
@@ -141,6 +157,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def invalid(_request: Request, exc: RequestValidationError) -> Response:
         return _error(400, "bad_request", _validation_detail(exc))
 
+    @app.exception_handler(BadView)
+    async def bad_view(_request: Request, exc: BadView) -> Response:
+        return _error(500, "bad_view", str(exc))
+
     @app.exception_handler(NotCaughtUp)
     async def not_caught_up(_request: Request, exc: NotCaughtUp) -> Response:
         return _error(504, "not_caught_up", str(exc))
@@ -162,24 +182,34 @@ def _install_error_handlers(app: FastAPI) -> None:
 # --- dependencies ----------------------------------------------------------------------
 
 
-def query_service(request: Request) -> QueryService:
+async def query_service(request: Request) -> QueryService:
+    """`async` so that FastAPI calls it on the event loop (a plain `def` dependency costs
+    a threadpool hop of its own)."""
     return request.app.state.query_service
 
 
-def caught_up_service(
-    request: Request,
-    after: str | None = Query(
-        None, description="A write's consistency token: answer only once the views show it."
-    ),
-    timeout: float = Query(
-        5.0, ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for `after` (504 after)."
-    ),
-) -> QueryService:
-    """Read-your-writes: block (in the threadpool) until the token's write is projected."""
-    service = query_service(request)
+AFTER = Query(None, description="A write's consistency token: answer only once the views show it.")
+TIMEOUT = Query(
+    5.0, ge=0, le=MAX_WAIT_SECONDS, description="Seconds to wait for `after` (504 after)."
+)
+
+
+async def caught_up(request: Request, after: str | None, timeout: float) -> QueryService:
+    """Read-your-writes: wait (in the threadpool, only when `after` is given) until the
+    token's write is projected."""
+    service: QueryService = request.app.state.query_service
     if after:
-        service.wait_for(after, timeout=timeout)
+        await run_in_threadpool(service.wait_for, after, timeout=timeout)
     return service
+
+
+async def caught_up_service(
+    request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
+) -> QueryService:
+    """`caught_up` as a dependency (for the list endpoints). The get-by-id endpoints take
+    `after` and `timeout` as their own parameters instead: every dependency FastAPI
+    resolves costs a second pass of its parameter machinery on the hot path."""
+    return await caught_up(request, after, timeout)
 
 
 Service = Depends(caught_up_service)
@@ -192,6 +222,11 @@ _READ_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {"headers": _CACHE_HEADERS},
     304: {"description": "Not Modified: If-None-Match matched the current ETag"},
     400: {"model": ErrorBody, "description": "bad parameter, cursor or token"},
+    500: {
+        "model": ErrorBody,
+        "description": "a view our projections could not have written (edited by hand, "
+        "corrupted); `cqrs verify` compares the views with PostgreSQL",
+    },
     503: {"model": ErrorBody, "description": "Redis unreachable"},
     504: {"model": ErrorBody, "description": "the views did not reach `after` in time"},
 }
@@ -232,43 +267,64 @@ def _package_version() -> str:
         return "0.0.0"
 
 
-def _settings_service_factory(settings: Settings | None) -> tuple[ServiceFactory, list[Any]]:
-    """A factory building the service on a Wiring (Redis only: `engine` is never asked
-    for); the wiring is remembered so the lifespan can close it."""
+def _settings_service_factory(
+    settings: Settings | None,
+) -> tuple[ServiceFactory, ViewsFactory, list[Any]]:
+    """Factories building the query service and the async get-by-id reader on one Wiring
+    (Redis only: `engine` is never asked for); the wiring is remembered so the lifespan
+    can close it."""
     wirings: list[Any] = []
 
-    def build() -> QueryService:
+    def wiring() -> Any:
         from cqrs.wiring import Wiring
 
-        wiring = Wiring(settings)  # Settings() read here, at startup, not at import
-        wirings.append(wiring)
-        return QueryService(wiring.redis, wiring.keys, partitions=wiring.settings.partitions)
+        if not wirings:
+            wirings.append(Wiring(settings))  # Settings() read here, at startup, not at import
+        return wirings[0]
 
-    return build, wirings
+    def build() -> QueryService:
+        w = wiring()
+        return QueryService(w.redis, w.keys, partitions=w.settings.partitions)
+
+    def build_views() -> AsyncViews:
+        w = wiring()
+        client = make_async_redis(w.redis_url, socket_timeout=w.settings.redis_socket_timeout)
+        return AsyncViews(client, w.keys)
+
+    return build, build_views, wirings
 
 
 def create_app(
-    settings: Settings | None = None, *, service_factory: ServiceFactory | None = None
+    settings: Settings | None = None,
+    *,
+    service_factory: ServiceFactory | None = None,
+    views_factory: ViewsFactory | None = None,
 ) -> FastAPI:
     """The ASGI app. `service_factory` (for embedding or tests) replaces building the
-    QueryService from `settings`; either way it is built at startup and its Redis client
-    closed at shutdown."""
+    QueryService from `settings`, and `views_factory` the async get-by-id reader (without
+    one, get-by-id calls the given service in the threadpool); either way they are built
+    at startup and their Redis clients closed at shutdown."""
     wirings: list[Any] = []
     if service_factory is None:
-        service_factory, wirings = _settings_service_factory(settings)
+        service_factory, settings_views, wirings = _settings_service_factory(settings)
+        views_factory = views_factory or settings_views
     factory = service_factory
+    make_views = views_factory
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.query_service = factory()
+        service = factory()
+        app.state.query_service = service
+        app.state.views = make_views() if make_views else ThreadpoolViews(service)
         try:
             yield
         finally:
+            await app.state.views.aclose()
             if wirings:
                 for wiring in wirings:
                     wiring.close()
             else:
-                app.state.query_service.redis.close()
+                service.redis.close()
 
     app = FastAPI(
         title=TITLE,
@@ -286,6 +342,10 @@ def create_app(
     return app
 
 
+def _views(request: Request) -> AsyncViews | ThreadpoolViews:
+    return request.app.state.views
+
+
 def _install_routes(app: FastAPI) -> None:
     @app.get(
         "/products/{product_id}",
@@ -293,9 +353,12 @@ def _install_routes(app: FastAPI) -> None:
         responses=_ONE_RESPONSES,
         tags=["products"],
     )
-    def get_product(product_id: str, request: Request, service: QueryService = Service) -> Any:
+    async def get_product(
+        product_id: str, request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
+    ) -> Any:
         """One product: name, price, stock, units sold, revenue."""
-        return view_response(request, service.get_product(product_id).model_dump(mode="json"))
+        await caught_up(request, after, timeout)
+        return view_response(request, model_body(await _views(request).get_product(product_id)))
 
     @app.get(
         "/products",
@@ -313,7 +376,7 @@ def _install_routes(app: FastAPI) -> None:
         """The catalog a page at a time; a cursor continues after the last item shown,
         so products added meanwhile never repeat or push others out of the next page."""
         page = service.list_products(sort=sort, limit=limit, cursor=cursor)
-        return view_response(request, page.model_dump(mode="json"))
+        return view_response(request, model_body(page))
 
     @app.get(
         "/customers/{customer_id}",
@@ -321,9 +384,13 @@ def _install_routes(app: FastAPI) -> None:
         responses=_ONE_RESPONSES,
         tags=["customers"],
     )
-    def get_customer(customer_id: str, request: Request, service: QueryService = Service) -> Any:
+    async def get_customer(
+        customer_id: str, request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
+    ) -> Any:
         """One customer with order count and lifetime value."""
-        return view_response(request, service.get_customer(customer_id).model_dump(mode="json"))
+        await caught_up(request, after, timeout)
+        customer = await _views(request).get_customer(customer_id)
+        return view_response(request, model_body(customer))
 
     @app.get(
         "/customers/{customer_id}/orders",
@@ -340,7 +407,7 @@ def _install_routes(app: FastAPI) -> None:
     ) -> Any:
         """A customer's orders, newest first, a page at a time."""
         page = service.customer_orders(customer_id, limit=limit, cursor=cursor)
-        return view_response(request, page.model_dump(mode="json"))
+        return view_response(request, model_body(page))
 
     @app.get(
         "/orders/{order_id}",
@@ -348,9 +415,12 @@ def _install_routes(app: FastAPI) -> None:
         responses=_ONE_RESPONSES,
         tags=["orders"],
     )
-    def get_order(order_id: str, request: Request, service: QueryService = Service) -> Any:
+    async def get_order(
+        order_id: str, request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
+    ) -> Any:
         """One order, denormalized: customer name, lines as placed, status, total."""
-        return view_response(request, service.get_order(order_id).model_dump(mode="json"))
+        await caught_up(request, after, timeout)
+        return view_response(request, model_body(await _views(request).get_order(order_id)))
 
     @app.get(
         "/stats/top-products",
@@ -365,7 +435,7 @@ def _install_routes(app: FastAPI) -> None:
     ) -> Any:
         """Best sellers by units sold (cancelled orders do not count)."""
         products = service.top_products(limit=limit)
-        return view_response(request, {"items": [p.model_dump(mode="json") for p in products]})
+        return view_response(request, model_body(ProductList(items=products)))
 
     @app.get(
         "/healthz",

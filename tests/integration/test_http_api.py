@@ -253,6 +253,25 @@ def test_errors_are_json_with_one_shape(api: ApiServer, wiring: Wiring) -> None:
     assert detail == "invalid consistency token"
 
 
+def test_a_corrupted_view_is_a_500_naming_it(api: ApiServer, wiring: Wiring) -> None:
+    """A view our projections could not have written (edited by hand, a key of another
+    type) is a JSON 500 that names the key and the problem; the server keeps serving."""
+    products, customer, orders = _shop(wiring, n_products=3)
+    order_key = wiring.keys.views("orders", 1).order(orders[0])
+    wiring.redis.hset(order_key, "line:1:unit_price", "cheap")
+    detail = _error(api.get(f"/orders/{orders[0]}"), 500, "bad_view")
+    assert detail.startswith(f"view {order_key} is not valid: lines.0.unit_price:"), detail
+    _error(api.get(f"/customers/{customer}/orders"), 500, "bad_view")
+    product_key = wiring.keys.views("products", 1).product(products[0])
+    wiring.redis.delete(product_key)
+    wiring.redis.rpush(product_key, "not", "a", "hash")
+    for _ in range(3):  # the connection that got the error reply is not reused dirty
+        detail = _error(api.get(f"/products/{products[0]}"), 500, "bad_view")
+        assert detail.startswith(f"view {product_key} cannot be read: WRONGTYPE"), detail
+        assert _ok(api.get(f"/products/{products[1]}"))["name"] == "Item 01"
+    assert _ok(api.get(f"/orders/{orders[1]}"))["lines"][0]["qty"] == 2
+
+
 # --- pagination ------------------------------------------------------------------------
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+import re
 import subprocess
 import sys
 import threading
@@ -16,7 +18,8 @@ from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from projector.registry import PROJECTIONS
 from projector.worker import Worker
-from queries import BadCursor, NotCaughtUp, NotFound, QueryService
+from queries import BadCursor, BadView, NotCaughtUp, NotFound, ProductView, QueryService
+from queries.aio import AsyncViews, make_async_redis
 from tests.conftest import settings_env
 from tests.helpers import run_cli, run_cli_json
 from tests.integration.projector_support import drain, relay_all, run
@@ -268,3 +271,95 @@ def test_after_times_out_when_the_projector_stays_paused(
         QueryService(wiring.redis, wiring.keys).wait_for(created["token"], timeout=0.2)
     bad = run_cli("query", "product", created["id"], "--after", "garbage!", env=env)
     assert bad.returncode == 2 and "invalid consistency token" in bad.stderr
+
+
+def test_a_corrupted_view_is_reported_not_half_read(
+    settings: Settings, wiring: Wiring, service: QueryService
+) -> None:
+    """Views are written by our projections only, but a hand edit, a truncated restore or
+    another program can still break one: the query names the key and what is wrong (one
+    line in the CLI), and the connection stays usable for the next query."""
+    products, customer, orders = _shop(wiring)
+    r, views = wiring.redis, wiring.keys.views("orders", 1)
+    order_key = views.order(orders[0])
+    r.hset(order_key, "total", "lots")
+    with pytest.raises(BadView, match=r"view .*order:\{.*\} is not valid: total: "):
+        service.get_order(orders[0])
+    env = settings_env(settings)
+    result = run_cli("query", "order", str(orders[0]), "--json", env=env)
+    assert result.returncode == 1 and result.stdout == ""
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: view {order_key} is not valid: total:"), line
+
+    r.hset(order_key, mapping={"total": "10.00", "line_count": "one"})
+    with pytest.raises(BadView, match="line_count: 'one'"):
+        service.get_order(orders[0])
+    r.hset(order_key, "line_count", "1")
+    r.hdel(order_key, "line:1:qty")
+    with pytest.raises(BadView, match=r"lines\.0\.qty"):
+        service.get_order(orders[0])
+    with pytest.raises(BadView, match=r"lines\.0\.qty"):  # inside a page of orders too
+        service.customer_orders(customer)
+
+    # A key of another type where a product view belongs: an error reply from Redis.
+    product_key = wiring.keys.views("products", 1).product(products[0])
+    r.delete(product_key)
+    r.set(product_key, "not a hash")
+    with pytest.raises(BadView, match=f"view {re.escape(product_key)} cannot be read: WRONGTYPE"):
+        service.get_product(products[0])
+    assert service.get_product(products[1]).name == "Item 01"  # the next read is clean
+    assert asyncio.run(_async_get_product(wiring, products[1])).name == "Item 01"
+    with pytest.raises(BadView, match="WRONGTYPE"):
+        asyncio.run(_async_get_product(wiring, products[0]))
+
+
+async def _async_get_product(wiring: Wiring, product_id: object) -> ProductView:
+    views = AsyncViews(make_async_redis(wiring.redis_url, socket_timeout=5), wiring.keys)
+    try:
+        return await views.get_product(str(product_id))
+    finally:
+        await views.aclose()
+
+
+def test_get_by_id_reads_the_generation_a_rebuild_switched_to(
+    wiring: Wiring, service: QueryService
+) -> None:
+    """Each reader remembers the live generation it last saw; the generation number is
+    read in the same round trip as the view, so a switch is noticed on the very next read
+    and the view read again from the new generation (never a cached answer)."""
+    _, _, orders = _shop(wiring)
+    r = wiring.keys
+    assert service.get_order(orders[0]).customer_name == "Quinn"  # generation 1 remembered
+
+    async def read_twice() -> tuple[str, str]:
+        views = AsyncViews(make_async_redis(wiring.redis_url, socket_timeout=5), r)
+        try:
+            before = (await views.get_order(orders[0])).customer_name
+            wiring.redis.set(r.generation("orders"), 2)
+            after = (await views.get_order(orders[0])).customer_name
+            return before, after
+        finally:
+            await views.aclose()
+
+    old, new = r.views("orders", 1).order(orders[0]), r.views("orders", 2).order(orders[0])
+    wiring.redis.hset(new, mapping={**wiring.redis.hgetall(old), "customer_name": "Quinn II"})
+    assert asyncio.run(read_twice()) == ("Quinn", "Quinn II")
+    assert service.get_order(orders[0]).customer_name == "Quinn II"
+    wiring.redis.set(r.generation("orders"), 1)
+    assert service.get_order(orders[0]).customer_name == "Quinn"
+
+
+def test_orders_of_100_lines_read_back_in_order(wiring: Wiring, service: QueryService) -> None:
+    products = [
+        run(wiring, CreateProduct(sku=f"C-{n}", name=f"Part {n:03d}", price="0.50", stock=9)).id
+        for n in range(100)
+    ]
+    customer = run(wiring, RegisterCustomer(email="c@example.com", name="Cleo")).id
+    items = [{"product_id": p, "qty": 1 + n % 4} for n, p in enumerate(products)]
+    order_id = run(wiring, PlaceOrder(customer_id=customer, items=items)).id
+    drain(wiring)
+    order = service.get_order(order_id)
+    assert [(line.product_id, line.name, line.qty) for line in order.lines] == [
+        (p, f"Part {n:03d}", 1 + n % 4) for n, p in enumerate(products)
+    ]
+    assert sum(line.line_total for line in order.lines) == order.total
