@@ -166,12 +166,16 @@ def _flush_mid_run(wiring: Wiring, settings: Settings, rng: random.Random, tmp_p
             stop=halt,
         )
         try:
-            # Progress first: views built and projecting what the writers commit.
+            # Progress first: views built and projecting what the writers commit, and the
+            # relay active (it marks the streams' origin first). A relay that only starts
+            # after the flush (a slow start on a busy machine; the workers built the views
+            # from the log meanwhile) publishes the whole history into the empty streams.
             wait_until(
                 lambda: (
                     writers.done()
                     or (
                         live.committed >= COMMITS_BEFORE_FLUSH
+                        and client.hexists(keys.meta(), "origin")
                         and all(read_state(client, keys, p) for p in PROJECTIONS)
                         and len(service.top_products(limit=5)) == 5
                     )
