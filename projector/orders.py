@@ -1,12 +1,13 @@
 """The `orders` projection: one hash per order, denormalized across the three services.
 
 View `order:{id}`: id, customer_id, customer_name (the customer's *current* name),
-status, line_count, then per line n (1-based) `line:<n>:product_id`, `line:<n>:name`,
+customer_version (the customer version that name is from), status, line_count, then
+per line n (1-based) `line:<n>:product_id`, `line:<n>:name`,
 `line:<n>:unit_price` (name and price as at order time), `line:<n>:qty`,
 `line:<n>:line_total`; total, placed_at, shipped_at, cancelled_at, version.
 One field per line attribute keeps every value short, so Redis keeps the hash in its
 compact listpack encoding (values <= `hash-max-listpack-value`, 64 bytes by default; 100
-lines and 9 other fields are 509 fields, under `hash-max-listpack-entries` 512). All lines
+lines and 10 other fields are 510 fields, under `hash-max-listpack-entries` 512). All lines
 in one JSON field were ~100 bytes per line and made every order view a `hashtable` of ~1.5x
 the bytes. A product or customer name longer than 64 bytes (names may have 200 characters)
 still converts that one view to a `hashtable`: correct, just larger.
@@ -18,7 +19,9 @@ the customer's orders as a lexicographic sorted set (score 0, member
 A customer's events and their orders' events share a partition (the write side uses the
 customer id as partition key), so they arrive here in commit order. The projection keeps
 its own copy of each customer's name (`customer-name:{customer}`) and fans a rename out
-to every order in the customer's index; a new order takes the newest name it knows.
+to every order in the customer's index; a new order takes the newest name it knows. The
+order keeps the customer version its name is from, and a fan-out never replaces it with
+an older one (a worker stalled past its lease between the rename's rounds).
 """
 
 from __future__ import annotations
@@ -60,19 +63,22 @@ def _customer_name_changed(event: EventEnvelope, name: str, views: ViewKeys) -> 
     key = views.order_customer(customer_id)
 
     def fan_out(result: list[Any]) -> list[Step]:
-        current = result[1]
+        current, version = result[1], result[2]
 
         def update_orders(members: list[str]) -> list[Step]:
             return [
                 script(
-                    "set_if_exists", (views.order(order_member_id(m)),), ("customer_name", current)
+                    "set_if_newer",
+                    (views.order(order_member_id(m)),),
+                    ("customer_version", version, "customer_name", current),
                 )
                 for m in members
             ]
 
         return [command("ZRANGE", views.customer_orders(customer_id), 0, -1, then=update_orders)]
 
-    return [apply(key, key, "version", event.version, [("set", "name", name)], ("name",), fan_out)]
+    ops = [("set", "name", name)]
+    return [apply(key, key, "version", event.version, ops, ("name", "version"), fan_out)]
 
 
 def on_customer_registered(
@@ -99,13 +105,14 @@ def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> li
 
     def create(result: list[Any]) -> list[Step]:
         known_name, known_version = result
-        name = p.customer_name
+        name, version = p.customer_name, p.customer_version
         if known_name is not None and int(known_version or 0) >= p.customer_version:
-            name = known_name
+            name, version = known_name, int(known_version)
         ops = [
             ("set", "id", str(event.aggregate_id)),
             ("set", "customer_id", str(p.customer_id)),
             ("set", "customer_name", name),
+            ("set", "customer_version", version),
             ("set", "status", "placed"),
             *line_ops,
             ("set", "total", f"{p.total:.2f}"),
@@ -138,7 +145,8 @@ def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: ViewKeys) -> 
 ORDERS = Projection(
     name="orders",
     # 2: lines as one field per attribute (was one JSON field `lines`).
-    version=2,
+    # 3: customer_version on the order (stale fan-outs refused).
+    version=3,
     handlers={
         "CustomerRegistered": on_customer_registered,
         "CustomerRenamed": on_customer_renamed,

@@ -100,11 +100,17 @@ redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
 return 1
 """
 
-# HSET only on a view that exists: a fan-out must not create a half view.
-# KEYS[1] hash; ARGV field/value pairs. Returns 1 if written.
-SET_IF_EXISTS = r"""
+# A denormalized copy of another aggregate's field (an order's customer name), written only
+# on a view that exists (a fan-out must not create a half view) and only if it does not
+# already hold a copy from a later version of that aggregate: a worker that stalled past
+# its lease mid fan-out cannot put an old name back.
+# KEYS[1] hash; ARGV[1] version field, ARGV[2] version, ARGV[3..] field/value pairs.
+# Returns 1 if written.
+SET_IF_NEWER = r"""
 if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
-redis.call('HSET', KEYS[1], unpack(ARGV))
+local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
+if tonumber(ARGV[2]) < stored then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[2], unpack(ARGV, 3))
 return 1
 """
 
@@ -135,7 +141,7 @@ SOURCES = {
     "apply": APPLY,
     "track": TRACK,
     "index": INDEX,
-    "set_if_exists": SET_IF_EXISTS,
+    "set_if_newer": SET_IF_NEWER,
     "zadd_and_read": ZADD_AND_READ,
     "renew_lease": RENEW_LEASE,
     "release_lease": RELEASE_LEASE,

@@ -80,11 +80,13 @@ def expected_views(conn: psycopg.Connection) -> dict[str, dict[str, dict[str, An
     }
     customers = {}
     names = {}
+    name_versions = {}  # the customer version an order's copy of the name is from
     for cid, email, name, version in conn.execute(
         "SELECT id, email, name, version FROM customers.customers"
     ):
         n, total = counters.get(str(cid), (0, Decimal("0")))
         names[str(cid)] = name
+        name_versions[str(cid)] = str(version)
         customers[str(cid)] = {
             "id": str(cid),
             "email": email,
@@ -112,6 +114,7 @@ def expected_views(conn: psycopg.Connection) -> dict[str, dict[str, dict[str, An
             "id": str(oid),
             "customer_id": str(cid),
             "customer_name": names.get(str(cid)),
+            "customer_version": name_versions.get(str(cid)),
             "status": status,
             "line_count": str(len(lines.get(str(oid), {})) // len(LINE_ATTRIBUTES)),
             **lines.get(str(oid), {}),

@@ -109,7 +109,7 @@ def test_order_views_stay_listpack_encoded_up_to_the_largest_order(wiring: Wirin
 
     views = wiring.keys.views("orders", 1)
     big_view = r.hgetall(views.order(big))
-    assert big_view["line_count"] == "100" and len(big_view) == 508  # 8 + 5 x 100
+    assert big_view["line_count"] == "100" and len(big_view) == 509  # 9 + 5 x 100
     assert r.object("encoding", views.order(big)) == "listpack"
     assert [big_view[f"line:{n + 1}:product_id"] for n in range(100)] == [str(p) for p in products]
     expected = "hashtable" if len(long_name.encode()) > limit else "listpack"

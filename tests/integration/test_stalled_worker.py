@@ -10,19 +10,16 @@ runs round 1 of an event and stops; worker W, now holding the lease, applies tha
 and the next one; Z wakes up and sends its round 2. Nothing is delivered twice afterwards
 (W acknowledged both), so nothing heals the stale write until the aggregate's next event.
 
-Fixed for the catalog indexes (top products, by name, by price): an index write carries
-the version of the product view it was computed from and is refused when the index already
-reflects a later one (a per-index version record sharing the index's hash tag). Still open
-(strict xfail: it fails, XPASS, once fixed, so the marker goes with the fix): the orders
-projection's customer-name fan-out; the fix is the same idea, a `customer_version` field
-on the order hash checked by the fan-out script.
+Each such write now carries the version of the event it was computed for and is refused
+when its target already reflects a later one: the catalog indexes (top products, by name,
+by price) keep a per-index version record sharing the index's hash tag, and an order view
+keeps the `customer_version` its copy of the customer's name is from.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-import pytest
 from sqlalchemy import text
 
 from commands.catalog import CreateProduct, RenameProduct
@@ -34,10 +31,6 @@ from projector.registry import PROJECTIONS
 from projector.scripts import Scripts
 from projector.steps import Step, run_steps
 from tests.integration.projector_support import differences, drain, run
-
-KNOWN_BUG = pytest.mark.xfail(
-    strict=True, reason="known bug: stale customer-name fan-out from a stalled worker (issue 8)"
-)
 
 
 def steps_of(wiring: Wiring, projection: str, event: EventEnvelope) -> list[Step]:
@@ -96,7 +89,6 @@ def test_a_stalled_worker_does_not_set_an_old_top_products_score(wiring: Wiring)
     assert differences(wiring) == []
 
 
-@KNOWN_BUG
 def test_a_stalled_worker_does_not_fan_out_an_old_customer_name(wiring: Wiring) -> None:
     product = run(wiring, CreateProduct(sku="F-1", name="F", price="1.00", stock=50)).id
     customer = run(wiring, RegisterCustomer(email="f@example.com", name="First")).id
