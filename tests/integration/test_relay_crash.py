@@ -11,6 +11,7 @@ from __future__ import annotations
 import random
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -58,9 +59,22 @@ def test_relay_sigkilled_repeatedly_loses_and_reorders_nothing(
     relay: subprocess.Popen[bytes] | None = None
 
     deadline = time.monotonic() + 120
+    # Writers go on until the target is reached *and* enough kills landed while they were
+    # writing: a fast write path must not finish before the relay has been killed enough.
+    enough_kills = threading.Event()
+
+    def write(index: int) -> None:
+        rng = random.Random(f"1-{index}")
+        while workload.events < TARGET_EVENTS or not enough_kills.is_set():
+            assert time.monotonic() < deadline, (
+                f"writer {index}: {workload.events} events, {kills_while_writing} kills "
+                "during writes before the deadline"
+            )
+            workload.step(rng)
+
     try:
         with ThreadPoolExecutor(WRITERS) as pool:
-            writers = [pool.submit(workload.writer, i, deadline) for i in range(WRITERS)]
+            writers = [pool.submit(write, i) for i in range(WRITERS)]
             while not all(w.done() for w in writers) or kills < MIN_KILLS:
                 writing = not all(w.done() for w in writers)
                 before = stream_length(client, keys, settings)
@@ -88,6 +102,8 @@ def test_relay_sigkilled_repeatedly_loses_and_reorders_nothing(
                 relay = None
                 kills += 1
                 kills_while_writing += writing
+                if kills_while_writing >= MIN_KILLS:
+                    enough_kills.set()
                 kills_mid_backlog += pending > BATCH
                 # Stay down a random while so the next relay starts with a backlog of
                 # many batches, and the next kill lands in the middle of it.
