@@ -124,6 +124,13 @@ def _pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]
         pool.release(conn)
 
 
+def run_commands(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Plain commands in one round trip, raw replies (errors in their place): for the
+    worker's hot reads, where redis-py's per-command pipeline bookkeeping would cost more
+    than the commands."""
+    return _pipeline(client, commands)
+
+
 def _read_replies(conn: Any, count: int) -> list[Any]:
     """`count` replies, error replies as exception objects in their place.
 
