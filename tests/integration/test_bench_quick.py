@@ -124,3 +124,43 @@ def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_pat
         assert list(client.scan_iter(match=pattern, count=1000)) == []
     finally:
         client.close()
+
+
+def test_stage_probe_times_every_stage_and_leaves_nothing(backend: Backend, tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRS_")}
+    env.update(
+        CQRS_DATABASE_URL=backend.database_url,
+        CQRS_REDIS_URL=backend.redis_url,
+        CQRS_HOME=str(tmp_path / "home"),
+    )
+    before = _bench_databases(backend.database_url)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.stages", "--commands", "20"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    stages = {
+        line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:5]]
+        for line in result.stdout.splitlines()
+        if line.startswith("| ") and not line.startswith("| stage")
+    }
+    assert set(stages) == {"command", "relay pass", "projector batch", "query check", "sum"}
+    for median, p90, p99 in stages.values():
+        assert 0 < median <= p90 <= p99, result.stdout
+    assert _bench_databases(backend.database_url) == before
+
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.stages", "--commands", "3"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert bad.returncode == 2 and "at least 10" in bad.stderr
