@@ -18,25 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import redis
-from redis.exceptions import ConnectionError, DataError, NoScriptError, ResponseError
+from redis.exceptions import DataError, NoScriptError
 
+from cqrs.redisio import pack, read_replies, round_trip
 from projector.scripts import Scripts
-
-try:  # redis[hiredis] is a dependency; the fallback only keeps a bare redis-py working
-    from hiredis import pack_command as _pack_command
-except ImportError:  # pragma: no cover
-
-    def _pack_command(args: tuple[Any, ...]) -> bytes:
-        from redis.connection import PythonRespSerializer
-
-        return b"".join(PythonRespSerializer(6000, _ENCODER.encode).pack(*args))
-
-    _ENCODER = redis.connection.Encoder("utf-8", "strict", False)
-
-try:  # the sentinel redis-py's hiredis reader returns when a reply is incomplete
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # pragma: no cover - another redis-py layout: read_response per reply
-    _NOT_ENOUGH_DATA = None
 
 APPLIED, DUPLICATE, GAP = 1, 0, 2
 
@@ -102,70 +87,17 @@ def _command_args(step: Step, shas: dict[str, str]) -> tuple[Any, ...]:
 
 
 def _pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Send every command in one write on one pooled connection and read every reply;
-    an error reply is returned in its place (like `execute(raise_on_error=False)`).
-
-    This is a redis-py pipeline without its per-command bookkeeping: packing a command
-    through `Pipeline.execute_command` costs ~25 us of Python against ~3 us here, and
-    reading a reply through `Connection.read_response` ~5 us against ~0.5 us for
-    `_read_replies`; a projector batch is thousands of commands. A connection error
-    disconnects and raises; the worker then backs off and re-claims its pending entries
-    (every step is idempotent), so nothing is retried here.
-    """
-    pool = client.connection_pool
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command([b"".join(_pack(args) for args in commands)])
-        return _read_replies(conn, len(commands))
-    except BaseException:
-        conn.disconnect()  # replies may be left unread: never hand this socket out again
-        raise
-    finally:
-        pool.release(conn)
+    """One round of a batch in one write, every reply read (`cqrs.redisio`). A
+    connection error raises; the worker then backs off and re-claims its pending entries
+    (every step is idempotent), so nothing is retried here."""
+    return round_trip(client, commands)
 
 
 def run_commands(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Plain commands in one round trip, raw replies (errors in their place): for the
     worker's hot reads, where redis-py's per-command pipeline bookkeeping would cost more
     than the commands."""
-    return _pipeline(client, commands)
-
-
-def _read_replies(conn: Any, count: int) -> list[Any]:
-    """`count` replies, error replies as exception objects in their place.
-
-    With redis-py's hiredis parser the replies are taken straight from its reader, which
-    parses a whole socket read of replies in C; `read_response` per reply would add its
-    health, timeout and push-message handling to every one of thousands of replies. Any
-    other parser (no hiredis) goes the documented way."""
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    fill = getattr(parser, "read_from_socket", None)
-    results: list[Any] = []
-    if reader is None or fill is None or _NOT_ENOUGH_DATA is None:
-        for _ in range(count):
-            try:
-                results.append(conn.read_response())
-            except ResponseError as exc:
-                results.append(exc)
-        return results
-    gets, append, missing = reader.gets, results.append, _NOT_ENOUGH_DATA
-    while len(results) < count:
-        reply = gets()
-        if reply is missing:
-            fill()
-        elif isinstance(reply, ConnectionError):
-            raise reply  # a protocol error: the stream of replies cannot be trusted
-        else:
-            append(reply)
-    return results
-
-
-def _pack(args: tuple[Any, ...]) -> bytes:
-    try:
-        return _pack_command(args)
-    except TypeError as exc:
-        raise DataError(f"cannot send {args[:2]!r}...: {exc}") from None
+    return round_trip(client, commands)
 
 
 def _execute_round(client: redis.Redis, scripts: Scripts, steps: list[Step]) -> list[Any]:
@@ -212,7 +144,7 @@ def _first_round(
             if not steps:
                 continue
             try:
-                packed = [_pack(_command_args(step, shas)) for step in steps]
+                packed = [pack(_command_args(step, shas)) for step in steps]
             except DataError as exc:
                 errors[index] = f"DataError: {exc}"
                 continue
@@ -223,7 +155,7 @@ def _first_round(
                 chunk.clear()
         if chunk:
             conn.send_packed_command([b"".join(chunk)])
-        results = _read_replies(conn, len(pending))
+        results = read_replies(conn, len(pending))
     except BaseException:
         conn.disconnect()  # replies may be left unread: never hand this socket out again
         raise

@@ -37,6 +37,7 @@ import redis
 
 from cqrs.events import EventError, EventHeader, Payload, parse_stream_entry
 from cqrs.keys import KeyMap, ViewKeys
+from cqrs.redisio import hash_fields
 from cqrs.settings import Settings
 from cqrs.streams import parse_entry_id, stream_partitions
 from projector.deadletters import DeadLetter, dead_letter_fields
@@ -402,15 +403,7 @@ class Worker:
             if slot.projection.name not in self.active:
                 continue
             if isinstance(result, redis.ResponseError) and "NOGROUP" in str(result):
-                log.error(
-                    "consumer group %s on %s is gone (Redis restarted or flushed?); "
-                    "recreating it from the start of the stream",
-                    slot.projection.name,
-                    slot.stream,
-                    extra={**self._log, "projection": slot.projection.name, "stream": slot.stream},
-                )
-                self._ensure_group(slot.stream, slot.projection.name)
-                slot.recovering = True
+                self._group_gone(slot)
                 continue
             if isinstance(result, Exception):
                 raise result
@@ -453,11 +446,8 @@ class Worker:
         for result in status:
             if isinstance(result, Exception):
                 raise result
-        # A hash reply is a dict (RESP3) or a flat list of fields and values (RESP2).
         for i in range(0, n_status, 3):
-            if not isinstance(status[i], dict):
-                it = iter(status[i] or ())
-                status[i] = dict(zip(it, it, strict=True))
+            status[i] = hash_fields(status[i])  # a dict (RESP3) or a flat list (RESP2)
         self._apply_status(status)
         entries: list[Entry] = []
         for slot, result in zip(slots, results[n_status:], strict=True):
@@ -466,15 +456,7 @@ class Worker:
             if isinstance(result, Exception):
                 if "NOGROUP" not in str(result):
                     raise result
-                log.error(
-                    "consumer group %s on %s is gone (Redis restarted or flushed?); "
-                    "recreating it from the start of the stream",
-                    slot.projection.name,
-                    slot.stream,
-                    extra={**self._log, "projection": slot.projection.name, "stream": slot.stream},
-                )
-                self._ensure_group(slot.stream, slot.projection.name)
-                slot.recovering = True
+                self._group_gone(slot)
                 continue
             if not result:
                 continue
@@ -484,6 +466,17 @@ class Worker:
                     it = iter(flat or ())
                     entries.append(Entry(slot, entry_id, dict(zip(it, it, strict=True))))
         return entries
+
+    def _group_gone(self, slot: Slot) -> None:
+        log.error(
+            "consumer group %s on %s is gone (Redis restarted or flushed?); "
+            "recreating it from the start of the stream",
+            slot.projection.name,
+            slot.stream,
+            extra={**self._log, "projection": slot.projection.name, "stream": slot.stream},
+        )
+        self._ensure_group(slot.stream, slot.projection.name)
+        slot.recovering = True
 
     def _claim_retries(self, slot: Slot, pending: list[dict[str, Any]]) -> list[Entry]:
         if not pending:

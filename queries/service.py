@@ -26,21 +26,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from cqrs.keys import KeyMap, ViewKeys
+from cqrs.redisio import hash_fields, pack, read_replies
 from cqrs.settings import Settings
 from cqrs.streams import group_lag
 from cqrs.tokens import AggregateVersion, decode_token
 from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
 from queries.models import CustomerView, OrderView, Page, ProductView
-
-try:  # redis[hiredis] is a dependency; the fallback only keeps a bare redis-py working
-    from hiredis import pack_command as _hiredis_pack
-except ImportError:  # pragma: no cover
-    _hiredis_pack = None
-
-try:  # the sentinel redis-py's hiredis reader returns when a reply is incomplete
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # pragma: no cover - another redis-py layout: read_response per reply
-    _NOT_ENOUGH_DATA = None
 
 T = TypeVar("T")
 
@@ -95,48 +86,6 @@ def view_id(value: UUID | str, what: str) -> UUID:
         return value if isinstance(value, UUID) else UUID(str(value))
     except ValueError:
         raise NotFound(f"{what} {value} not found") from None
-
-
-def _read_replies(conn: Any, count: int) -> list[Any]:
-    """`count` replies, error replies as exception objects in their place.
-
-    With redis-py's hiredis parser the replies are taken straight from its reader (one
-    socket read usually holds both replies of a get-by-id); `read_response` per reply
-    adds ~5 us of timeout, health-check and push-message handling to each. Push
-    messages (RESP3) still go to redis-py's handler. Any other parser goes the
-    documented way."""
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    fill = getattr(parser, "read_from_socket", None)
-    if reader is None or fill is None or _NOT_ENOUGH_DATA is None:
-        replies = []
-        for _ in range(count):
-            try:
-                replies.append(conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
-    push_type = getattr(parser, "_hiredis_PushNotificationType", None)
-    replies = []
-    while len(replies) < count:
-        reply = reader.gets()
-        if reply is _NOT_ENOUGH_DATA:
-            fill()
-        elif isinstance(reply, RedisConnectionError):
-            raise reply  # a protocol error: the replies that follow cannot be trusted
-        elif push_type is not None and isinstance(reply, push_type):
-            parser.handle_push_response(reply)
-        else:
-            replies.append(reply)
-    return replies
-
-
-def hash_fields(reply: Any) -> dict[str, str]:
-    """An HGETALL reply as a dict (RESP3 gives one; RESP2 a flat list of pairs)."""
-    if isinstance(reply, dict):
-        return reply
-    it = iter(reply)
-    return dict(zip(it, it, strict=False))
 
 
 M = TypeVar("M", bound=BaseModel)
@@ -200,7 +149,7 @@ class QueryService:
         A redis-py `Pipeline` costs ~20 us of Python for the two commands of a get-by-id
         (command stack, response callbacks, its own connection handling): as much again
         as the HGETALL round trip it wraps. Packed with hiredis and read straight from
-        the connection's hiredis reader (`_read_replies`), the pair costs what one
+        the connection's hiredis reader (`cqrs.redisio`), the pair costs what one
         `client.hgetall` does. Replies are raw: HGETALL is a dict under RESP3 (redis-py's
         default) and a flat list under RESP2 (`hash_fields`).
 
@@ -214,11 +163,8 @@ class QueryService:
         for attempt in (1, 2):
             conn = pool.get_connection()
             try:
-                if _hiredis_pack is not None:
-                    conn.send_packed_command([b"".join(_hiredis_pack(c) for c in commands)])
-                else:  # pragma: no cover
-                    conn.send_packed_command(conn.pack_commands(commands))
-                replies = _read_replies(conn, len(commands))
+                conn.send_packed_command([b"".join(pack(c) for c in commands)])
+                replies = read_replies(conn, len(commands))
                 for command, reply in zip(commands, replies, strict=True):
                     if isinstance(reply, ResponseError):
                         raise BadView(f"view {command[1]} cannot be read: {reply}")
