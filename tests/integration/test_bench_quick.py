@@ -73,13 +73,31 @@ def _bench_databases(server_url: str) -> set[str]:
     return {r[0] for r in rows}
 
 
-def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_path: Path) -> None:
+def _bench_env(backend: Backend, tmp_path: Path) -> dict[str, str]:
+    """The test's servers and nothing else of the caller's CQRS_* environment."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("CQRS_")}
     env.update(
         CQRS_DATABASE_URL=backend.database_url,
         CQRS_REDIS_URL=backend.redis_url,
         CQRS_HOME=str(tmp_path / "home"),
     )
+    return env
+
+
+def _stages(env: dict[str, str], commands: int) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "bench.stages", "--commands", str(commands)],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_path: Path) -> None:
+    env = _bench_env(backend, tmp_path)
     out = tmp_path / "bench.json"
     result = subprocess.run(
         [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
@@ -127,22 +145,9 @@ def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_pat
 
 
 def test_stage_probe_times_every_stage_and_leaves_nothing(backend: Backend, tmp_path: Path) -> None:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("CQRS_")}
-    env.update(
-        CQRS_DATABASE_URL=backend.database_url,
-        CQRS_REDIS_URL=backend.redis_url,
-        CQRS_HOME=str(tmp_path / "home"),
-    )
+    env = _bench_env(backend, tmp_path)
     before = _bench_databases(backend.database_url)
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.stages", "--commands", "20"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = _stages(env, 20)
     assert result.returncode == 0, result.stderr[-4000:]
     stages = {
         line.split("|")[1].strip(): [float(x) for x in line.split("|")[2:5]]
@@ -154,13 +159,5 @@ def test_stage_probe_times_every_stage_and_leaves_nothing(backend: Backend, tmp_
         assert 0 < median <= p90 <= p99, result.stdout
     assert _bench_databases(backend.database_url) == before
 
-    bad = subprocess.run(
-        [sys.executable, "-m", "bench.stages", "--commands", "3"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    bad = _stages(env, 3)
     assert bad.returncode == 2 and "at least 10" in bad.stderr
