@@ -14,8 +14,10 @@ and the whole event log and asserts the relay's contract:
 
 from __future__ import annotations
 
+import threading
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
 import redis
@@ -151,3 +153,21 @@ def assert_published_exactly_once(
         duplicates=len(entries) - len(first),
         streams_used=len({e.stream for e in entries}),
     )
+
+
+class PassPause:
+    """Holds a relay's passes between claiming (and locking) their outbox rows and
+    publishing them: `reached` is set when a pass gets there, which then waits for `go`.
+    Hooks `Relay._publish`, the one call through which a pass writes to Redis."""
+
+    def __init__(self, relay: Any) -> None:
+        self.reached = threading.Event()
+        self.go = threading.Event()
+        publish = relay._publish
+
+        def paused(commands: list[tuple[Any, ...]]) -> None:
+            self.reached.set()
+            assert self.go.wait(30), "the test never let the paused pass publish"
+            publish(commands)
+
+        relay._publish = paused

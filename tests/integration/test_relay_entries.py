@@ -16,7 +16,6 @@ that shortcut to the envelope's own format:
 from __future__ import annotations
 
 import json
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -35,6 +34,7 @@ from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
 from tests.helpers import wait_until
 from tests.integration.stream_checks import (
+    PassPause,
     assert_published_exactly_once,
     outbox_count,
     read_streams,
@@ -119,31 +119,6 @@ def test_failed_xadds_roll_the_pass_back_and_the_next_pass_publishes(wiring: Wir
     assert report.events == 40 and report.duplicates == landed
 
 
-class PipelinePause:
-    """The real client, except that a pipeline's `execute` (the XADDs) first reports that
-    it was reached and then waits for `go`: a pass held after claiming its rows."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self.reached = threading.Event()
-        self.go = threading.Event()
-
-    def pipeline(self, transaction: bool = True) -> redis.client.Pipeline:
-        pipe = self.client.pipeline(transaction=transaction)
-        real_execute = pipe.execute
-
-        def execute(raise_on_error: bool = True) -> list:
-            self.reached.set()
-            assert self.go.wait(30), "the test never let the paused pass publish"
-            return real_execute(raise_on_error)
-
-        pipe.execute = execute  # type: ignore[method-assign]
-        return pipe
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.client, name)
-
-
 def _waiting_on_lock(database_url: str, pid: int) -> bool:
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         row = conn.execute(
@@ -161,8 +136,8 @@ def test_a_pass_behind_another_claims_the_next_rows(wiring: Wiring) -> None:
     )
     for n in range(5):
         execute(catalog.RenameProduct(product_id=product.id, name=f"Q {n}"), session_factory)
-    paused = PipelinePause(wiring.redis)
-    relay_a = Relay(wiring.database_url, paused, wiring.settings)  # type: ignore[arg-type]
+    relay_a = Relay(wiring.database_url, wiring.redis, wiring.settings)
+    paused = PassPause(relay_a)
     relay_b = Relay(wiring.database_url, wiring.redis, wiring.settings)
     with (
         psycopg.connect(libpq_url(wiring.database_url), autocommit=True) as conn_a,

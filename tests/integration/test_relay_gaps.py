@@ -20,7 +20,6 @@ from pathlib import Path
 
 import psycopg
 import pytest
-import redis
 
 from commands import catalog
 from commands.db import make_session_factory
@@ -33,6 +32,7 @@ from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
 from tests.helpers import wait_until
 from tests.integration.stream_checks import (
+    PassPause,
     assert_published_exactly_once,
     outbox_count,
     published_event_ids,
@@ -146,32 +146,6 @@ def test_two_relays_and_publish_on_commit_passes_publish_each_event_once(
     assert report.events == workload.events
 
 
-class PipelinePause:
-    """The real Redis client, except that a pipeline's `execute` (the relay's XADDs) first
-    reports that it was reached and then waits for `go`: it holds a relay pass between
-    selecting (and locking) its outbox rows and publishing them."""
-
-    def __init__(self, client: redis.Redis) -> None:
-        self.client = client
-        self.reached = threading.Event()
-        self.go = threading.Event()
-
-    def pipeline(self, transaction: bool = True) -> redis.client.Pipeline:
-        pipe = self.client.pipeline(transaction=transaction)
-        real_execute = pipe.execute
-
-        def execute(raise_on_error: bool = True) -> list:
-            self.reached.set()
-            assert self.go.wait(30), "the test never let the paused pass publish"
-            return real_execute(raise_on_error)
-
-        pipe.execute = execute  # type: ignore[method-assign]
-        return pipe
-
-    def __getattr__(self, name: str) -> object:
-        return getattr(self.client, name)
-
-
 def _waiting_on_lock(database_url: str, pid: int) -> bool:
     with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
         row = conn.execute(
@@ -184,8 +158,8 @@ def test_overlapping_pass_waits_for_the_rows_another_pass_holds(wiring: Wiring) 
     """Pass A has locked version 1 of a product and not yet published it; version 2 is
     committed; pass B must queue behind A (not skip A's rows and publish version 2 first)."""
     session_factory = make_session_factory(wiring.engine)
-    paused = PipelinePause(wiring.redis)
-    relay_a = Relay(wiring.database_url, paused, wiring.settings)  # type: ignore[arg-type]
+    relay_a = Relay(wiring.database_url, wiring.redis, wiring.settings)
+    paused = PassPause(relay_a)
     relay_b = Relay(wiring.database_url, wiring.redis, wiring.settings)
     created = execute(_create(1), session_factory)
     with (
