@@ -171,3 +171,13 @@ class PassPause:
             publish(commands)
 
         relay._publish = paused
+
+
+def waiting_on_lock(database_url: str, pid: int) -> bool:
+    """The PostgreSQL backend `pid` is waiting for a lock (a relay pass queued behind
+    another pass's rows)."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        row = conn.execute(
+            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
+        ).fetchone()
+    return bool(row) and row[0] == "Lock"

@@ -38,6 +38,7 @@ from tests.integration.stream_checks import (
     assert_published_exactly_once,
     outbox_count,
     read_streams,
+    waiting_on_lock,
 )
 from tests.integration.workload import Workload
 
@@ -119,14 +120,6 @@ def test_failed_xadds_roll_the_pass_back_and_the_next_pass_publishes(wiring: Wir
     assert report.events == 40 and report.duplicates == landed
 
 
-def _waiting_on_lock(database_url: str, pid: int) -> bool:
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
-        ).fetchone()
-    return bool(row) and row[0] == "Lock"
-
-
 def test_a_pass_behind_another_claims_the_next_rows(wiring: Wiring) -> None:
     """Pass A holds the 3 oldest events; pass B (same limit) waits for them, and when A
     commits, skips the rows A deleted and claims the next 3 instead of returning none."""
@@ -150,7 +143,7 @@ def test_a_pass_behind_another_claims_the_next_rows(wiring: Wiring) -> None:
             pid_b = conn_b.info.backend_pid
             pass_b = pool.submit(relay_b.publish_batch, conn_b, 3)
             wait_until(
-                lambda: _waiting_on_lock(wiring.database_url, pid_b),
+                lambda: waiting_on_lock(wiring.database_url, pid_b),
                 timeout=10,
                 what="pass B to block on pass A's rows",
             )

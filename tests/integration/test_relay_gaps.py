@@ -38,6 +38,7 @@ from tests.integration.stream_checks import (
     published_event_ids,
     read_streams,
     stream_length,
+    waiting_on_lock,
 )
 from tests.integration.workload import Workload
 
@@ -146,14 +147,6 @@ def test_two_relays_and_publish_on_commit_passes_publish_each_event_once(
     assert report.events == workload.events
 
 
-def _waiting_on_lock(database_url: str, pid: int) -> bool:
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        row = conn.execute(
-            "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s", (pid,)
-        ).fetchone()
-    return bool(row) and row[0] == "Lock"
-
-
 def test_overlapping_pass_waits_for_the_rows_another_pass_holds(wiring: Wiring) -> None:
     """Pass A has locked version 1 of a product and not yet published it; version 2 is
     committed; pass B must queue behind A (not skip A's rows and publish version 2 first)."""
@@ -176,7 +169,7 @@ def test_overlapping_pass_waits_for_the_rows_another_pass_holds(wiring: Wiring) 
             pid_b = conn_b.info.backend_pid
             pass_b = pool.submit(relay_b.publish_batch, conn_b)
             wait_until(
-                lambda: pass_b.done() or _waiting_on_lock(wiring.database_url, pid_b),
+                lambda: pass_b.done() or waiting_on_lock(wiring.database_url, pid_b),
                 timeout=10,
                 what="pass B to block on pass A's rows (or to finish)",
             )
