@@ -125,6 +125,7 @@ def _first_round(
     scripts: Scripts,
     per_event: Iterable[list[Step]],
     errors: list[str | None],
+    after: tuple[Any, ...] | None = None,
 ) -> tuple[list[tuple[int, Step]], list[Any]]:
     """Round 1: every event's first steps, sent while `per_event` is still producing them.
 
@@ -132,7 +133,8 @@ def _first_round(
     replies most of the rest; sending the round in slices as it is built lets Redis
     execute it concurrently instead of after. The commands go out in event order either
     way, so the round means the same. An event whose steps cannot even be encoded (a
-    handler bug) fails alone, before anything of it is sent."""
+    handler bug) fails alone, before anything of it is sent. `after`, if given, is one more
+    command sent behind the round (its reply is dropped)."""
     pending: list[tuple[int, Step]] = []
     pool = client.connection_pool
     conn = pool.get_connection()
@@ -153,9 +155,12 @@ def _first_round(
             if len(chunk) >= STREAM_SLICE:
                 conn.send_packed_command([b"".join(chunk)])
                 chunk.clear()
+        if after is not None and pending:
+            chunk.append(pack(after))
         if chunk:
             conn.send_packed_command([b"".join(chunk)])
-        results = read_replies(conn, len(pending))
+        extra = 1 if after is not None and pending else 0
+        results = read_replies(conn, len(pending) + extra)[: len(pending)]
     except BaseException:
         conn.disconnect()  # replies may be left unread: never hand this socket out again
         raise
@@ -171,11 +176,18 @@ def _first_round(
 
 
 def run_steps(
-    client: redis.Redis, scripts: Scripts, per_event: Iterable[list[Step]]
+    client: redis.Redis,
+    scripts: Scripts,
+    per_event: Iterable[list[Step]],
+    *,
+    after_first_round: tuple[Any, ...] | None = None,
 ) -> BatchOutcome:
     """Run every event's steps in rounds; an error in one event never stops the others.
 
     `per_event` may be a generator: round 1 is sent while it runs (see `_first_round`).
+    `after_first_round`: a command sent right behind round 1 (the worker's early
+    `applied` notification: most events' version gates are written in round 1, so
+    read-your-writes waiters can look before the follow-up rounds and the XACK).
 
     A version-gated step that finds its predecessor missing is retried in the next round
     when an earlier event of the batch still has steps to run (the predecessor may be one
@@ -185,7 +197,7 @@ def run_steps(
     outcome = BatchOutcome(errors=[])
     errors = outcome.errors
     scripts.ensure_loaded()
-    pending, results = _first_round(client, scripts, per_event, errors)
+    pending, results = _first_round(client, scripts, per_event, errors, after_first_round)
     while pending:
         outcome.rounds += 1
         if outcome.rounds > 1:

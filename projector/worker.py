@@ -616,7 +616,12 @@ class Worker:
                     handled.append(True)
                     yield steps
 
-        outcome = run_steps(self.redis, self.scripts, per_event())
+        # Waiters (`?after=`, `--after`) are woken twice: right behind round 1, where most
+        # events' version gates are written, and after the acknowledgements (for the gates
+        # written in later rounds, e.g. an order's creation). A wake-up only makes them
+        # look at the gates again, so an early one is never wrong, only sooner.
+        early = ("PUBLISH", self.keys.applied_channel(), len(entries))
+        outcome = run_steps(self.redis, self.scripts, per_event(), after_first_round=early)
         self.stats.applied += outcome.applied
         self.stats.duplicates += outcome.duplicates
         acks: dict[tuple[str, str], list[str]] = {}
