@@ -86,30 +86,16 @@ def _command_args(step: Step, shas: dict[str, str]) -> tuple[Any, ...]:
     return tuple(step.command)
 
 
-def _pipeline(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """One round of a batch in one write, every reply read (`cqrs.redisio`). A
-    connection error raises; the worker then backs off and re-claims its pending entries
-    (every step is idempotent), so nothing is retried here."""
-    return round_trip(client, commands)
-
-
-def run_commands(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
-    """Plain commands in one round trip, raw replies (errors in their place): for the
-    worker's hot reads, where redis-py's per-command pipeline bookkeeping would cost more
-    than the commands."""
-    return round_trip(client, commands)
-
-
 def _execute_round(client: redis.Redis, scripts: Scripts, steps: list[Step]) -> list[Any]:
     """One pipeline for the round. Scripts are sent as plain EVALSHA (no SCRIPT EXISTS
     round trip first); if the server lost its script cache (restart, SCRIPT FLUSH), the
     calls that got NOSCRIPT are sent again, in their order, after reloading the scripts.
     Every step is idempotent, and NOSCRIPT means that call did nothing."""
-    results = _pipeline(client, [_command_args(step, scripts.shas) for step in steps])
+    results = round_trip(client, [_command_args(step, scripts.shas) for step in steps])
     missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
     if missing:
         scripts.load()
-        again = _pipeline(client, [_command_args(steps[i], scripts.shas) for i in missing])
+        again = round_trip(client, [_command_args(steps[i], scripts.shas) for i in missing])
         for i, result in zip(missing, again, strict=True):
             results[i] = result
     return results
@@ -169,7 +155,7 @@ def _first_round(
     missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
     if missing:
         scripts.load()
-        again = _pipeline(client, [_command_args(pending[i][1], scripts.shas) for i in missing])
+        again = round_trip(client, [_command_args(pending[i][1], scripts.shas) for i in missing])
         for i, result in zip(missing, again, strict=True):
             results[i] = result
     return pending, results

@@ -37,14 +37,14 @@ import redis
 
 from cqrs.events import EventError, EventHeader, Payload, parse_stream_entry
 from cqrs.keys import KeyMap, ViewKeys
-from cqrs.redisio import hash_fields
+from cqrs.redisio import hash_fields, round_trip
 from cqrs.settings import Settings
 from cqrs.streams import parse_entry_id, stream_partitions
 from projector.deadletters import DeadLetter, dead_letter_fields
 from projector.projection import Projection
 from projector.scripts import Scripts
 from projector.state import live_generation
-from projector.steps import Step, run_commands, run_steps
+from projector.steps import Step, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -175,23 +175,30 @@ class Worker:
         views must first be built, and a paused one is being switched to a new generation
         by a replay. Slots of those are given back at once. In the steady state this
         rides along with every batch's read (`_read`), costing no round trip of its own."""
-        pipe = self.redis.pipeline(transaction=False)
-        self._status_commands(pipe)
-        self._apply_status(pipe.execute())
+        self._apply_status(round_trip(self.redis, self._status_commands()))
 
-    def _status_commands(self, pipe: redis.client.Pipeline) -> None:
+    def _status_commands(self) -> list[tuple[Any, ...]]:
+        """Per projection: its state hash, its pause flag, its replay lock."""
+        commands: list[tuple[Any, ...]] = []
         for projection in self.projections:
-            pipe.hgetall(self.keys.projection_state(projection.name))
-            pipe.exists(self.keys.pause(projection.name))
-            pipe.exists(self.keys.replay_lock(projection.name))
+            commands += [
+                ("HGETALL", self.keys.projection_state(projection.name)),
+                ("EXISTS", self.keys.pause(projection.name)),
+                ("EXISTS", self.keys.replay_lock(projection.name)),
+            ]
+        return commands
 
     def _apply_status(self, results: list[Any]) -> None:
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
         self.active.clear()
         self.needs_build.clear()
         self.rebuilding.clear()
         self.newer.clear()
         for i, projection in enumerate(self.projections):
-            state, paused, replaying = results[3 * i : 3 * i + 3]
+            raw_state, paused, replaying = results[3 * i : 3 * i + 3]
+            state = hash_fields(raw_state)  # a dict (RESP3) or a flat list (RESP2)
             name = projection.name
             built = int(state.get("version", 0)) if state.get("generation") else 0
             if replaying:
@@ -367,7 +374,8 @@ class Worker:
         if not any(slot.recovering or slot.retry_due for slot in slots):
             return self._read_new(slots, count)
         pipe = self.redis.pipeline(transaction=False)
-        self._status_commands(pipe)
+        for command in self._status_commands():
+            pipe.execute_command(*command)
         kinds: list[str] = []
         for slot in slots:
             group = slot.projection.name
@@ -390,9 +398,6 @@ class Worker:
                 kinds.append("new")
         results = pipe.execute(raise_on_error=False)
         status = results[: 3 * len(self.projections)]
-        for result in status:
-            if isinstance(result, Exception):
-                raise result
         # The status read in the same round trip: entries of a projection that is no
         # longer active (paused for a switch, to be rebuilt) are left pending, unapplied;
         # whoever holds the slot next claims them (a slot is taken over "recovering").
@@ -422,33 +427,21 @@ class Worker:
 
     def _read_new(self, slots: list[Slot], count: int) -> list[Entry]:
         """The steady state of `_read`: the status and new entries (XREADGROUP >) of every
-        slot, sent through the projector's packed pipeline (`run_commands`).
+        slot, sent in one packed round trip (`cqrs.redisio.round_trip`).
 
         redis-py's `Pipeline` costs ~20 us of Python per command, and a worker with 24
         slots sends 33 commands per read: ~300 us per batch against ~60 us packed
         (measured idle), paid by every live batch, i.e. by every event's latency."""
         consumer = self.consumer
-        commands: list[tuple[Any, ...]] = []
-        for projection in self.projections:
-            commands += [
-                ("HGETALL", self.keys.projection_state(projection.name)),
-                ("EXISTS", self.keys.pause(projection.name)),
-                ("EXISTS", self.keys.replay_lock(projection.name)),
-            ]
+        commands = self._status_commands()
         commands += [
             ("XREADGROUP", "GROUP", slot.projection.name, consumer, "COUNT", count, "STREAMS",
              slot.stream, ">")
             for slot in slots
         ]  # fmt: skip
-        results = run_commands(self.redis, commands)
+        results = round_trip(self.redis, commands)
         n_status = 3 * len(self.projections)
-        status = results[:n_status]
-        for result in status:
-            if isinstance(result, Exception):
-                raise result
-        for i in range(0, n_status, 3):
-            status[i] = hash_fields(status[i])  # a dict (RESP3) or a flat list (RESP2)
-        self._apply_status(status)
+        self._apply_status(results[:n_status])
         entries: list[Entry] = []
         for slot, result in zip(slots, results[n_status:], strict=True):
             if slot.projection.name not in self.active:
@@ -683,7 +676,7 @@ class Worker:
             finish += self._progress_commands(last_acked)
             # Packed like the reads (redis-py's Pipeline costs ~20 us per command, on
             # every event's latency); an error reply here is raised as the Pipeline would.
-            for reply in run_commands(self.redis, finish):
+            for reply in round_trip(self.redis, finish):
                 if isinstance(reply, Exception):
                     raise reply
         self.stats.batches += 1
