@@ -64,7 +64,13 @@ def read_replies(conn: Any, count: int) -> list[Any]:
     while len(replies) < count:
         reply = gets()
         if reply is missing:
-            fill()
+            try:
+                fill()
+            except OSError as exc:
+                # redis-py's own read path turns socket errors (a reset when the server
+                # dies mid-reply) into its ConnectionError, which callers treat as
+                # transient; reading past it must do the same.
+                raise RedisConnectionError(f"Error while reading from socket: {exc}") from exc
         elif isinstance(reply, RedisConnectionError):
             raise reply  # a protocol error: the replies that follow cannot be trusted
         elif push_type is not None and isinstance(reply, push_type):
