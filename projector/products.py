@@ -91,21 +91,33 @@ def _steps(
 
         return follow
 
-    if top:
-        steps = [apply(key, key, "version", version, ops, ("units_sold",), reindex_top)]
-    else:
-        steps = [apply(key, key, "version", version, ops)]
     names, prices = views.product_names(pid), views.product_prices(pid)
     by_name = (views.products_by_name(), views.products_by_name_versions())
     by_price = (views.products_by_price(), views.products_by_price_versions())
-    for wanted, tracked, field, index, member in (
-        (name, names, "name", by_name, name_member),
-        (price, prices, "price", by_price, price_member),
-    ):
-        if wanted:
-            follow = reindex(tracked, index, member)
-            steps.append(script("track", (key, tracked), (field,), then=follow))
-    return steps
+    trackers = [
+        (tracked, field, index, member)
+        for wanted, tracked, field, index, member in (
+            (name, names, "name", by_name, name_member),
+            (price, prices, "price", by_price, price_member),
+        )
+        if wanted
+    ]
+
+    def after_apply(result: list[Any]) -> list[Step]:
+        # Only once the event's own write has applied (or had applied before): a step
+        # that ran beside it in round 1 would read the value from before the event when
+        # the apply has to wait for a predecessor (a GAP retried in the next round), and
+        # index that old value under the event's version.
+        steps = reindex_top(result) if top else []
+        steps += [
+            script("track", (key, tracked), (field,), then=reindex(tracked, index, member))
+            for tracked, field, index, member in trackers
+        ]
+        return steps
+
+    returns = ("units_sold",) if top else ()
+    then = after_apply if top or trackers else None
+    return [apply(key, key, "version", version, ops, returns, then)]
 
 
 def on_created(event: EventHeader, p: ProductCreated, views: ViewKeys) -> list[Step]:
