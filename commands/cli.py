@@ -24,7 +24,7 @@ from commands.handlers import execute
 from commands.migrations import LATEST_VERSION, current_version, upgrade
 from commands.relay import Relay
 from commands.results import CommandResult
-from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
+from cqrs.cli import fail_unreachable, load_settings, metrics_port_option, start_metrics_or_fail
 from cqrs.console import EXIT_USAGE, fail, out, print_json, validation_message
 from cqrs.logs import configure_logging
 from cqrs.metrics import Gauge
@@ -75,7 +75,7 @@ def run_command(
     except CommandRejected as exc:
         fail(str(exc))
     except OperationalError as exc:
-        fail(f"cannot reach PostgreSQL: {str(exc.orig).splitlines()[0] if exc.orig else exc}")
+        fail_unreachable(exc)
     except Exception as exc:
         from cqrs.embedded import EmbeddedError
 
@@ -249,7 +249,7 @@ def db_upgrade(json_output: bool = typer.Option(False, "--json")) -> None:
         applied = upgrade(wiring.engine)
         version = current_version(wiring.engine)
     except OperationalError as exc:
-        fail(f"cannot reach PostgreSQL: {exc.orig}")
+        fail_unreachable(exc)
     finally:
         wiring.close()
     if json_output:
@@ -292,10 +292,9 @@ def relay_command(
         relay.run(stop)
     except (OperationalError, psycopg.OperationalError) as exc:
         # One line, not a traceback; `run` itself retries, so this is startup or --drain.
-        orig = getattr(exc, "orig", None) or exc
-        fail(f"cannot reach PostgreSQL: {str(orig).splitlines()[0]}")
+        fail_unreachable(exc)
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        fail(f"cannot reach Redis: {exc}")
+        fail_unreachable(exc)
     finally:
         wiring.close()
 
@@ -351,7 +350,7 @@ def demo_command() -> None:
     try:
         run_demo(wiring)
     except OperationalError as exc:
-        fail(f"cannot reach PostgreSQL: {exc.orig}")
+        fail_unreachable(exc)
     finally:
         wiring.close()
 

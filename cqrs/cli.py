@@ -10,7 +10,7 @@ from __future__ import annotations
 import logging
 import sys
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, NoReturn
 
 import typer
 from pydantic import ValidationError
@@ -19,12 +19,51 @@ from cqrs.console import EXIT_USAGE, fail, out, print_json
 from cqrs.settings import Settings
 from cqrs.urls import mask_url
 
+
+def _option_metavar(option: Any, ctx: Any) -> str | None:
+    """What help prints after an option: nothing for a flag, the choices for a choice,
+    an upper-case word otherwise (`TEXT`, `INTEGER`), or the metavar its author gave."""
+    if option.metavar is not None:
+        return str(option.metavar)
+    if option.is_flag or option.count:
+        return None
+    label = str(option.display_type(ctx)).strip("<>")
+    if label.startswith("list[") and label.endswith("]"):
+        label = label[5:-1]
+    label = label.removesuffix(" range")
+    if "|" in label:
+        return label
+    return {"str": "TEXT", "int": "INTEGER", "float": "NUMBER", "bool": "BOOLEAN"}.get(
+        label, label.upper()
+    )
+
+
+def _plain_help_types() -> None:
+    """Typer (0.2x) prints a Python type tag beside every parameter in `--help`: `<bool>`
+    beside each flag, `<str>`, `<list[str]>` beside arguments whose name already says what
+    they are. Users read those as syntax; print what click always printed instead (see
+    `_option_metavar`), and nothing beside arguments. Typer builds its parameter objects
+    itself with no class to substitute, so this is set on its classes, once, here, for
+    every command the root mounts (and `CliRunner` tests see the same help)."""
+    from typer import core
+
+    if hasattr(core, "TyperOption") and hasattr(core.TyperOption, "display_type_rich"):
+        core.TyperOption.display_type_rich = _option_metavar  # type: ignore[method-assign]
+    if hasattr(core, "TyperArgument") and hasattr(core.TyperArgument, "display_type_rich"):
+        core.TyperArgument.display_type_rich = lambda _self, ctx: None  # type: ignore[method-assign]
+
+
+_plain_help_types()
+
 app = typer.Typer(
     name="cqrs",
     help="CQRS read models on PostgreSQL and Redis Streams.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    # Markdown joins a docstring's wrapped lines into one paragraph (rich mode kept the
+    # line breaks of the source, so help lines broke mid-sentence).
+    rich_markup_mode="markdown",
 )
 
 
@@ -32,18 +71,38 @@ _LOG_FORMATS = ("text", "json")
 _LOG_LEVELS = ("debug", "info", "warning", "error")
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            print(f"cqrs {version('cqrs-projector')}")
+        except PackageNotFoundError:  # run from a tree that was never installed
+            print("cqrs (not installed)")
+        raise typer.Exit(0)
+
+
 @app.callback()
 def root(
+    _version: bool = typer.Option(
+        False,
+        "--version",
+        callback=_print_version,
+        is_eager=True,
+        help="Print the version and exit.",
+    ),
     log_format: str = typer.Option(
         None,
         "--log-format",
         envvar="CQRS_LOG_FORMAT",
+        metavar="text|json",
         help="Log lines as 'text' or 'json' (one object per line) on stderr.",
     ),
     log_level: str = typer.Option(
         None,
         "--log-level",
         envvar="CQRS_LOG_LEVEL",
+        metavar="debug|info|warning|error",
         help="debug, info, warning or error (default: info for relay/project/run/serve, "
         "warning otherwise).",
     ),
@@ -78,7 +137,9 @@ def metrics_port_option() -> Any:
         "--metrics-port",
         min=0,
         max=65535,
-        help="Serve Prometheus metrics on this port (0 = off; default CQRS_METRICS_PORT, off).",
+        envvar="CQRS_METRICS_PORT",
+        show_default=False,
+        help="Serve Prometheus metrics on this port (0 = off, the default).",
     )
 
 
@@ -189,6 +250,16 @@ def unreachable_message(exc: BaseException) -> str | None:
     return None
 
 
+def fail_unreachable(exc: BaseException) -> NoReturn:
+    """Exit 1 with the one line `unreachable_message` gives for a server error (naming the
+    masked URL), for commands that catch driver errors themselves; anything else is
+    re-raised (a bug: its traceback is wanted)."""
+    message = unreachable_message(exc)
+    if message is None:
+        raise exc
+    fail(message)
+
+
 def main() -> None:
     """Console entry point: usage errors become one line on stderr with exit 2."""
     _mount_packages()
@@ -200,7 +271,7 @@ def main() -> None:
     except typer.TyperException as exc:
         if type(exc).__name__ == "NoArgsIsHelpError":
             sys.exit(EXIT_USAGE)  # the help text was already printed
-        message = " ".join(exc.format_message().split())
+        message = " ".join(exc.format_message().replace("Value error, ", "").split())
         print(f"error: {message}", file=sys.stderr)
         sys.exit(exc.exit_code)
     except Exception as exc:

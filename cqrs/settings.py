@@ -25,18 +25,41 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="CQRS_", extra="ignore")
 
     database_url: str | None = Field(
-        default=None, description="postgresql://user@host:port/db; unset = embedded server"
+        default=None,
+        description="PostgreSQL, `postgresql://user:password@host:port/db` (the password is "
+        "never printed); unset: the embedded server under `home` (pip extra `embedded`)",
     )
     redis_url: str | None = Field(
-        default=None, description="redis://host:port/db or rediss://; unset = embedded server"
+        default=None,
+        description="Redis, `redis://host:port/db` or `rediss://` for TLS; unset: the embedded "
+        "Valkey server under `home` (pip extra `embedded`)",
     )
-    namespace: str = Field(default="cqrs", description="prefix of every Redis key")
-    home: Path = Field(default=Path(".cqrs"), description="embedded servers' data and state")
+    database_connect_timeout: int = Field(
+        default=5,
+        ge=1,
+        le=600,
+        description="seconds to wait for PostgreSQL to answer a new connection before giving "
+        "up (libpq `connect_timeout`; values below 2 count as 2)",
+    )
+    namespace: str = Field(
+        default="cqrs",
+        description="prefix of every Redis key; several systems can share one Redis",
+    )
+    home: Path = Field(
+        default=Path(".cqrs"),
+        description="directory of the embedded servers' data, logs and state",
+    )
 
     # Streams: events are spread over a fixed number of partition streams by partition key
     # (see docs/architecture.md). Changing it on a live system re-maps aggregates, so it is
     # read once and stored with the streams.
-    partitions: int = Field(default=8, ge=1, le=1024)
+    partitions: int = Field(
+        default=8,
+        ge=1,
+        le=1024,
+        description="partition streams events are spread over (read once, then stored "
+        "with the streams)",
+    )
     stream_retention: int = Field(
         default=1_000_000,
         ge=0,
@@ -46,19 +69,46 @@ class Settings(BaseSettings):
     publish_on_commit: bool = Field(
         default=True, description="CLI writes publish their events right after commit"
     )
-    relay_batch_size: int = Field(default=2000, ge=1, le=10_000)
-    relay_poll_seconds: float = Field(default=1.0, gt=0)
+    relay_batch_size: int = Field(
+        default=2000, ge=1, le=10_000, description="events the relay publishes per pass"
+    )
+    relay_poll_seconds: float = Field(
+        default=1.0,
+        gt=0,
+        description="seconds the relay waits between passes when no commit woke it",
+    )
 
-    projector_batch_size: int = Field(default=500, ge=1, le=10_000)
-    projector_block_ms: int = Field(default=1000, ge=1)
-    projector_claim_idle_ms: int = Field(default=10_000, ge=100)
-    projector_lease_ms: int = Field(default=5_000, ge=500)
-    projector_max_deliveries: int = Field(default=5, ge=1)
+    projector_batch_size: int = Field(
+        default=500, ge=1, le=10_000, description="stream entries a worker reads per batch"
+    )
+    projector_block_ms: int = Field(
+        default=1000, ge=1, description="milliseconds an idle worker waits for new entries"
+    )
+    projector_claim_idle_ms: int = Field(
+        default=10_000,
+        ge=100,
+        description="milliseconds an entry stays pending before another worker claims it",
+    )
+    projector_lease_ms: int = Field(
+        default=5_000,
+        ge=500,
+        description="TTL of a worker's lease on a (projection, partition); renewed while alive",
+    )
+    projector_max_deliveries: int = Field(
+        default=5,
+        ge=1,
+        description="deliveries of a failing entry before it becomes a dead letter",
+    )
     # Allocations between young-generation garbage collections in a worker process (0:
     # leave the interpreter's default of 700). A batch allocates and frees tens of
     # thousands of short-lived objects; at the default, collections cost the worker a
     # quarter of its CPU (docs/benchmarks.md).
-    projector_gc_threshold: int = Field(default=50_000, ge=0)
+    projector_gc_threshold: int = Field(
+        default=50_000,
+        ge=0,
+        description="allocations between young-generation garbage collections in a worker "
+        "(0: the interpreter's default)",
+    )
 
     replay_lock_ms: int = Field(
         default=15_000, ge=1000, description="TTL of a replay's lock and pause flag (renewed)"
@@ -67,7 +117,12 @@ class Settings(BaseSettings):
         default=2.0, ge=0, description="wait after a switch before deleting the old generation"
     )
 
-    redis_socket_timeout: float = Field(default=10.0, gt=0)
+    redis_socket_timeout: float = Field(
+        default=10.0,
+        gt=0,
+        description="seconds a Redis reply may take before the call fails (kept above every "
+        "blocking read)",
+    )
 
     # Operations (docs/operations.md).
     stall_seconds: float = Field(
@@ -82,7 +137,9 @@ class Settings(BaseSettings):
     metrics_host: str = Field(
         default="127.0.0.1", description="address the metrics endpoint listens on"
     )
-    log_format: Literal["text", "json"] = Field(default="text", description="text or json lines")
+    log_format: Literal["text", "json"] = Field(
+        default="text", description="log lines on stderr: `text` or `json` (one object a line)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] | None = Field(
         default=None, description="unset: INFO for long-running commands, WARNING for others"
     )
@@ -118,3 +175,33 @@ class Settings(BaseSettings):
         if value:
             redis_url(value)
         return value or None
+
+
+def settings_markdown() -> str:
+    """docs/settings.md, generated from the model so the table never drifts from the code
+    (tests/unit/test_settings_doc.py compares the two)."""
+    lines = [
+        "# Settings",
+        "",
+        "Every setting is read from an environment variable `CQRS_<NAME>` (or a root CLI",
+        "option where one exists: `--log-format`, `--log-level`, `--metrics-port`).",
+        "Generated from `cqrs/settings.py` by `python -m cqrs.settings --markdown`; do not edit",
+        "by hand.",
+        "",
+        "| setting | environment variable | default | meaning |",
+        "|---|---|---|---|",
+    ]
+    for name, field in Settings.model_fields.items():
+        default = field.default
+        shown = "unset" if default is None else f"`{default}`"
+        meaning = (field.description or "").replace("|", "\\|")
+        lines.append(f"| `{name}` | `CQRS_{name.upper()}` | {shown} | {meaning} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] != ["--markdown"]:
+        sys.exit("usage: python -m cqrs.settings --markdown")
+    sys.stdout.write(settings_markdown())

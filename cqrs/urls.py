@@ -7,7 +7,7 @@ through `mask_url`.
 from __future__ import annotations
 
 import re
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 
 class UrlError(ValueError):
@@ -35,6 +35,21 @@ def libpq_url(url: str) -> str:
     """Return a URL that psycopg/libpq accepts directly (LISTEN connections bypass SQLAlchemy)."""
     _, _, rest = sqlalchemy_url(url).partition("://")
     return f"postgresql://{rest}"
+
+
+def with_connect_timeout(url: str, seconds: int) -> str:
+    """The URL with libpq's `connect_timeout` added, unless it already names one.
+
+    Without it, an address that accepts TCP but never answers (another service's port,
+    a firewall that swallows packets after the handshake) holds a command for minutes.
+    Carried in the URL, the timeout reaches every connection made from it: SQLAlchemy's
+    pool and the direct psycopg connections (relay, replay, verify, status) alike."""
+    parts = urlsplit(url)
+    query = parse_qsl(parts.query, keep_blank_values=True)
+    if any(key == "connect_timeout" for key, _ in query):
+        return url
+    query.append(("connect_timeout", str(seconds)))
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def redis_url(url: str) -> str:

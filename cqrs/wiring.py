@@ -15,7 +15,7 @@ from sqlalchemy import Engine, create_engine
 from cqrs.keys import KeyMap
 from cqrs.settings import Settings
 from cqrs.urls import redis_url as to_redis_url
-from cqrs.urls import sqlalchemy_url
+from cqrs.urls import sqlalchemy_url, with_connect_timeout
 
 
 def make_redis(url: str, settings: Settings) -> redis.Redis:
@@ -61,7 +61,10 @@ class Wiring:
 
     @cached_property
     def database_url(self) -> str:
-        return self.settings.database_url or self._embedded_urls()[0]
+        """The configured (or embedded) URL with the connect timeout in it, so that every
+        connection this process opens gives up after `database_connect_timeout`."""
+        url = self.settings.database_url or self._embedded_urls()[0]
+        return with_connect_timeout(url, self.settings.database_connect_timeout)
 
     @cached_property
     def redis_url(self) -> str:
