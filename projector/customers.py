@@ -4,6 +4,11 @@ View `customer:{id}`: id, email, name, order_count, lifetime_value, version. The
 are fed by order events; the version of each order already counted is recorded beside
 the view (same hash tag), so a redelivered OrderPlaced never counts twice and a cancel
 reverts exactly what was counted.
+
+Only CustomerRegistered creates a view. A rename of a customer this projection never
+registered, and an order event of such a customer, is a gap (the registration is
+missing): not applied, retried, then dead-lettered, never a partial customer view. So is
+a cancel or shipment of an order whose placement was never counted.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from cqrs.events import (
 )
 from cqrs.keys import ViewKeys
 from projector.projection import Projection, cents
-from projector.steps import Step, apply
+from projector.steps import NEED_GATE, NEED_TARGET, Step, apply
 
 
 def on_registered(event: EventHeader, p: CustomerRegistered, views: ViewKeys) -> list[Step]:
@@ -35,22 +40,28 @@ def on_registered(event: EventHeader, p: CustomerRegistered, views: ViewKeys) ->
 
 def on_renamed(event: EventHeader, p: CustomerRenamed, views: ViewKeys) -> list[Step]:
     key = views.customer(event.aggregate_id)
-    return [apply(key, key, "version", event.version, [("set", "name", p.name)])]
+    ops = [("set", "name", p.name)]
+    return [apply(key, key, "version", event.version, ops, needs=(NEED_GATE,))]
 
 
-def _order_step(event: EventHeader, customer_id: object, views: ViewKeys, ops: list) -> Step:
+def _order_step(
+    event: EventHeader, customer_id: object, views: ViewKeys, ops: list, *, placed: bool = False
+) -> Step:
+    """The counters of one order event on its customer's view: the customer view must
+    exist, and every event but the placement needs the placement counted first."""
     return apply(
         views.customer_order_state(customer_id),
         views.customer(customer_id),
         str(event.aggregate_id),
         event.version,
         ops,
+        needs=(NEED_TARGET,) if placed else (NEED_GATE, NEED_TARGET),
     )
 
 
 def on_order_placed(event: EventHeader, p: OrderPlaced, views: ViewKeys) -> list[Step]:
     ops = [("incr", "order_count", 1), ("money", "lifetime_value", cents(p.total))]
-    return [_order_step(event, p.customer_id, views, ops)]
+    return [_order_step(event, p.customer_id, views, ops, placed=True)]
 
 
 def on_order_cancelled(event: EventHeader, p: OrderCancelled, views: ViewKeys) -> list[Step]:

@@ -24,7 +24,7 @@ from cqrs.events import (
 )
 from cqrs.keys import ViewKeys
 from projector.projection import Projection, cents
-from projector.steps import Step, apply, command, script
+from projector.steps import NEED_GATE, Step, apply, command, script
 
 NAME_SEPARATOR = "\x00"
 
@@ -50,6 +50,7 @@ def _steps(
     name: bool = False,
     price: bool = False,
     top: bool = False,
+    creates: bool = False,
 ) -> list[Step]:
     """The gated write of `ops`, then the index upkeep of the fields this event can change:
     `name` (by-name index), `price` (by-price index), `top` (units_sold score).
@@ -62,6 +63,10 @@ def _steps(
     the index again. It carries the event's version, and the index refuses anything older
     than the event it already reflects: a worker that stalled past its lease between the
     two rounds cannot put back a value another worker has since replaced.
+
+    Only `creates` (ProductCreated) may write a view that does not exist: any other event
+    for a missing view is a gap (its creation is missing), never a partial view. The index
+    upkeep runs only after the apply, so a gap leaves no index entry either.
     """
     pid = str(event.aggregate_id)
     key = views.product(pid)
@@ -117,7 +122,8 @@ def _steps(
 
     returns = ("units_sold",) if top else ()
     then = after_apply if top or trackers else None
-    return [apply(key, key, "version", version, ops, returns, then)]
+    needs = () if creates else (NEED_GATE,)
+    return [apply(key, key, "version", version, ops, returns, then, needs=needs)]
 
 
 def on_created(event: EventHeader, p: ProductCreated, views: ViewKeys) -> list[Step]:
@@ -136,6 +142,7 @@ def on_created(event: EventHeader, p: ProductCreated, views: ViewKeys) -> list[S
         name=True,
         price=True,
         top=True,
+        creates=True,
     )
 
 

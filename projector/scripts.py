@@ -32,7 +32,13 @@ end
 # ARGV[1] gate field, ARGV[2] event version, ARGV[3] number of ops,
 # then ops as (op, field, value) triples, then the target fields to return.
 # Returns {status, returned fields...}: status 1 applied, 0 already applied, 2 a
-# predecessor is missing (the event must wait; it is not applied).
+# predecessor is missing (the event must wait; it is not applied), 3 what the event
+# updates does not exist (its creation is missing: a gap too, never applied).
+# The op `need` writes nothing; it states what must exist before the event applies:
+# `need gate` (an update event: the gate must already record a version of the
+# aggregate, so a well-formed update with version 1 cannot create a phantom view) and
+# `need target` (the target hash must exist: an order counted on a customer view that
+# was never registered). They ride in the ops so the ARGV layout stays as it was.
 APPLY = (
     _MONEY
     + r"""
@@ -40,14 +46,31 @@ local stored = tonumber(redis.call('HGET', KEYS[1], ARGV[1]) or '0')
 local version = tonumber(ARGV[2])
 local nops = tonumber(ARGV[3])
 local status = 1
+local missing = false
+for i = 0, nops - 1 do
+  if ARGV[4 + 3 * i] == 'need' then
+    local what = ARGV[5 + 3 * i]
+    if what == 'gate' then
+      missing = missing or stored == 0
+    elseif what == 'target' then
+      missing = missing or redis.call('EXISTS', KEYS[2]) == 0
+    else
+      return redis.error_reply('unknown need ' .. what)
+    end
+  end
+end
 if version <= stored then
   status = 0
 elseif version > stored + 1 then
   status = 2
+elseif missing then
+  status = 3
 else
   for i = 0, nops - 1 do
     local op, field, value = ARGV[4 + 3 * i], ARGV[5 + 3 * i], ARGV[6 + 3 * i]
-    if op == 'set' then
+    if op == 'need' then
+      -- checked above
+    elseif op == 'set' then
       redis.call('HSET', KEYS[2], field, value)
     elseif op == 'del' then
       redis.call('HDEL', KEYS[2], field)
@@ -115,11 +138,15 @@ return 1
 """
 
 # ZADD to a set and read a small hash of the same tag in one step (an order joins its
-# customer's list and learns the name the orders projection knows for that customer).
+# customer's list and learns the name the orders projection knows for that customer),
+# only when that hash exists: an order of a customer whose registration this projection
+# never applied is a gap (a forged or orphaned order must not create an index entry).
 # KEYS[1] zset, KEYS[2] hash; ARGV[1] score, ARGV[2] member, ARGV[3..] hash fields.
+# Returns {status, fields...}: status 1 added (or already there), 3 the hash is missing.
 ZADD_AND_READ = r"""
+if redis.call('EXISTS', KEYS[2]) == 0 then return {3} end
 redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
-local out = {}
+local out = {1}
 for i = 3, #ARGV do out[#out + 1] = redis.call('HGET', KEYS[2], ARGV[i]) or false end
 return out
 """

@@ -23,7 +23,11 @@ from redis.exceptions import DataError, NoScriptError
 from cqrs.redisio import pack, read_replies, round_trip
 from projector.scripts import Scripts
 
-APPLIED, DUPLICATE, GAP = 1, 0, 2
+# Version-gate statuses (projector.scripts): MISSING is a gap too, of another kind: the
+# view (or the aggregate record) an event updates does not exist, so the event that creates
+# it is missing. Both wait for an earlier event of the batch, then fail the event, which
+# the worker retries and finally dead-letters; neither writes anything.
+APPLIED, DUPLICATE, GAP, MISSING = 1, 0, 2, 3
 
 
 @dataclass
@@ -33,9 +37,16 @@ class Step:
     args: Sequence[Any] = ()
     command: Sequence[Any] = ()
     then: Callable[[Any], list[Step]] | None = None
-    # The result's first element is a version-gate status: GAP means the event cannot be
-    # applied yet (a predecessor is missing), which fails the event.
+    # The result's first element is a version-gate status: GAP or MISSING means the event
+    # cannot be applied yet (a predecessor is missing), which fails the event.
     gated: bool = False
+    # A gated step that only checks a precondition (it writes nothing that is the
+    # event's own effect) is not counted as applied or duplicate: the counts stay one
+    # per gated write, which is what redelivery tests and stats compare.
+    counted: bool = True
+
+
+NEED_GATE, NEED_TARGET = "gate", "target"
 
 
 def apply(
@@ -46,9 +57,18 @@ def apply(
     ops: Sequence[tuple[str, str, Any]] = (),
     returns: Sequence[str] = (),
     then: Callable[[Any], list[Step]] | None = None,
+    *,
+    needs: Sequence[str] = (),
 ) -> Step:
     """Apply `ops` to `target_key` once: only when `version` is exactly the next one
-    recorded under `gate_field` of `gate_key` (both in one hash tag)."""
+    recorded under `gate_field` of `gate_key` (both in one hash tag).
+
+    `needs` says what must already exist, else the step answers MISSING and writes
+    nothing: NEED_GATE for an update event (its aggregate's creation must have been
+    applied: a well-formed update with version 1 is otherwise indistinguishable from a
+    creation and would build a partial view), NEED_TARGET when the target hash belongs to
+    another aggregate that must exist (an order counted on its customer's view)."""
+    ops = [*(("need", what, "") for what in needs), *ops]
     args: list[Any] = [gate_field, version, len(ops)]
     for op, name, value in ops:
         args += [op, name, value]
@@ -161,6 +181,21 @@ def _first_round(
     return pending, results
 
 
+def _gap_error(step: Step, status: int) -> str:
+    """Why a gated step could not apply: the text the dead letter keeps."""
+    if status == GAP:
+        return (
+            f"version {step.args[1]} arrived before its predecessor "
+            "(an earlier event of this aggregate is missing or dead-lettered)"
+        )
+    if step.script == "apply":
+        return (
+            f"version {step.args[1]} updates {step.keys[1]}, which does not exist "
+            "(the event creating it is missing or dead-lettered)"
+        )
+    return f"{step.keys[-1]} does not exist (the event creating it is missing or dead-lettered)"
+
+
 def run_steps(
     client: redis.Redis,
     scripts: Scripts,
@@ -189,7 +224,7 @@ def run_steps(
         if outcome.rounds > 1:
             results = _execute_round(client, scripts, [step for _, step in pending])
         follow: list[tuple[int, Step]] = []
-        gaps: list[tuple[int, Step]] = []
+        gaps: list[tuple[int, Step, int]] = []
         for (index, step), result in zip(pending, results, strict=True):
             if errors[index] is not None:
                 continue
@@ -198,12 +233,12 @@ def run_steps(
                 continue
             if step.gated:
                 status = int(result[0])
-                if status == GAP:
-                    gaps.append((index, step))
+                if status in (GAP, MISSING):
+                    gaps.append((index, step, status))
                     continue
-                if status == APPLIED:
+                if step.counted and status == APPLIED:
                     outcome.applied += 1
-                else:
+                elif step.counted:
                     outcome.duplicates += 1
             if step.then is not None:
                 try:
@@ -212,14 +247,11 @@ def run_steps(
                     errors[index] = f"{type(exc).__name__}: {exc}"
         in_flight = [i for i, _ in follow if errors[i] is None]
         earliest = min(in_flight, default=len(errors))
-        for index, step in gaps:
+        for index, step, status in gaps:
             if index > earliest:
                 follow.append((index, step))
             else:
-                errors[index] = (
-                    f"version {step.args[1]} arrived before its predecessor "
-                    "(an earlier event of this aggregate is missing or dead-lettered)"
-                )
+                errors[index] = _gap_error(step, status)
         follow.sort(key=lambda item: item[0])  # stable: keeps each event's own step order
         pending = [(i, s) for i, s in follow if errors[i] is None]
     return outcome

@@ -364,7 +364,7 @@ def _fake_result(step: Step, name: str, other: uuid.UUID) -> Any:
             return ["1.00", "2.50"]
         return [name, name + "*", "{" + name + "}"]
     if step.script == "zadd_and_read":
-        return [name, "1"]
+        return [1, name, "1"]
     if step.command and str(step.command[0]).upper() == "ZRANGE":
         return [f"{0:015d}:{other}"]
     return 1
