@@ -124,6 +124,27 @@ class Settings(BaseSettings):
         "blocking read)",
     )
 
+    # The HTTP query server, per process (`cqrs serve`; docs/operations.md, "HTTP server
+    # under load").
+    http_max_waiters: int = Field(
+        default=1000,
+        ge=1,
+        description="`?after=` read-your-writes waits one `cqrs serve` holds at once; beyond "
+        "it: 503 busy with Retry-After",
+    )
+    http_redis_max_connections: int = Field(
+        default=32,
+        ge=2,
+        description="Redis connections of one `cqrs serve` (requests and the waiters' one "
+        "subscription share them)",
+    )
+    http_redis_pool_timeout: float = Field(
+        default=2.0,
+        gt=0,
+        description="seconds a `cqrs serve` request waits for a free Redis connection "
+        "before 503 busy with Retry-After",
+    )
+
     # Operations (docs/operations.md).
     stall_seconds: float = Field(
         default=30.0,

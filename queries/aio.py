@@ -1,34 +1,39 @@
-"""Get-by-id on redis.asyncio, for the HTTP API.
+"""The views on redis.asyncio, for the HTTP API.
 
-`QueryService` is synchronous; an HTTP endpoint calling it has to run in the threadpool,
-and that hop (hand the call to a worker thread, wait for its result on the event loop) cost
-more than the Redis round trip and the model together. This reader does the same single
-round trip (live generation + HGETALL in one write) on the event loop itself, without
-blocking it, and returns the same validated models, so a corrupted view is the same
-`BadView` as in `QueryService`.
+`QueryService` is synchronous; an HTTP endpoint calling it has to run in a threadpool,
+and that hop (hand the call to a worker thread, wait for its result on the event loop)
+cost more than the Redis round trip and the model together, and a pool of threads is a
+queue every endpoint waits in behind the slowest caller. `AsyncViews` drives the same
+plans as `QueryService` (`queries.service.ViewPlans`: same round trips, same models, a
+corrupted view the same `BadView`) on the event loop itself, without blocking it.
 
-Lists, top products and `?after=` waits stay on `QueryService` (they are not the
-latency-critical path); the generation each reader last saw is kept per reader, exactly
-as `QueryService` keeps it.
+Connections come from a blocking pool of a bounded size (`make_async_redis`): a request
+that finds every connection in use waits for one, up to the pool's timeout, and past it
+gets `Busy` (overload: HTTP 503 "busy" with Retry-After), never the "unreachable" that a
+Redis which does not answer gets.
 """
 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Sequence
-from typing import Any
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, TypeVar
 from uuid import UUID
 
 import redis.asyncio
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from cqrs.keys import KeyMap, ViewKeys
+from cqrs.keys import KeyMap
 from cqrs.urls import redis_url as to_redis_url
-from queries.errors import BadView, NotFound
-from queries.models import CustomerView, OrderView, ProductView
-from queries.service import QueryService, hash_fields, order_view, view_id, view_model
+from queries.errors import BadView, Busy
+from queries.models import CustomerView, OrderView, Page, ProductView
+from queries.service import Plan, ViewPlans
+
+T = TypeVar("T")
 
 try:  # redis[hiredis] is a dependency; the fallback only keeps a bare redis-py working
     from hiredis import pack_command as _hiredis_pack
@@ -78,46 +83,70 @@ async def _send_and_read(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list
     return replies
 
 
-def make_async_redis(url: str, *, socket_timeout: float) -> redis.asyncio.Redis:
-    """An asyncio client with the options `cqrs.wiring.make_redis` gives the sync one
-    (decoded replies with errors replaced, the same timeouts, no retry on timeout)."""
-    return redis.asyncio.Redis.from_url(
-        to_redis_url(url),
-        decode_responses=True,
-        encoding_errors="replace",
-        socket_timeout=socket_timeout,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=False,
+def client_options(socket_timeout: float, client_name: str | None = None) -> dict[str, Any]:
+    """The options `cqrs.wiring.make_redis` gives its client (decoded replies with errors
+    replaced, the same timeouts, no retry on timeout), for the query side's own clients;
+    `client_name` makes a process's connections findable in `CLIENT LIST`."""
+    options: dict[str, Any] = {
+        "decode_responses": True,
+        "encoding_errors": "replace",
+        "socket_timeout": socket_timeout,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry_on_timeout": False,
+    }
+    if client_name:
+        options["client_name"] = client_name
+    return options
+
+
+class WaitingPool(redis.asyncio.BlockingConnectionPool):
+    """A blocking pool whose "no connection free in time" is `Busy`, not redis-py's
+    `ConnectionError("No connection available.")`: the HTTP API reports a ConnectionError
+    as "Redis unreachable", which an exhausted pool in front of a healthy Redis is not."""
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except MaxConnectionsError:
+            raise Busy(self._busy_message()) from None
+        except RedisConnectionError as exc:
+            # The pool's own wait timing out is chained from asyncio's TimeoutError;
+            # a failed connect is a redis TimeoutError or a ConnectionError from OSError.
+            if isinstance(exc.__cause__, asyncio.TimeoutError) and "No connection" in str(exc):
+                raise Busy(self._busy_message()) from None
+            raise
+
+    def _busy_message(self) -> str:
+        return f"all {self.max_connections} Redis connections stayed busy for {self.timeout:g}s"
+
+
+def make_async_redis(
+    url: str,
+    *,
+    socket_timeout: float,
+    max_connections: int | None = None,
+    pool_timeout: float = 2.0,
+    client_name: str | None = None,
+) -> redis.asyncio.Redis:
+    """An asyncio client with `client_options`; with `max_connections`, on a
+    `WaitingPool` of that size whose requests wait up to `pool_timeout` seconds for a
+    free connection (without, redis-py's default pool, which fails at once when full)."""
+    options = client_options(socket_timeout, client_name)
+    if max_connections is None:
+        return redis.asyncio.Redis.from_url(to_redis_url(url), **options)
+    pool = WaitingPool.from_url(
+        to_redis_url(url), max_connections=max_connections, timeout=pool_timeout, **options
     )
+    return redis.asyncio.Redis.from_pool(pool)
 
 
-class ThreadpoolViews:
-    """AsyncViews' methods over a given synchronous QueryService, each call run in a
-    worker thread: for an app embedding its own service (`create_app(service_factory=)`)
-    without an asyncio client."""
+class AsyncViews(ViewPlans):
+    """`QueryService`'s reads, awaited: the same plans driven over redis.asyncio."""
 
-    def __init__(self, service: QueryService) -> None:
-        self.service = service
-
-    async def aclose(self) -> None:
-        """The service belongs to whoever built it."""
-
-    async def get_product(self, product_id: UUID | str) -> ProductView:
-        return await asyncio.to_thread(self.service.get_product, product_id)
-
-    async def get_customer(self, customer_id: UUID | str) -> CustomerView:
-        return await asyncio.to_thread(self.service.get_customer, customer_id)
-
-    async def get_order(self, order_id: UUID | str) -> OrderView:
-        return await asyncio.to_thread(self.service.get_order, order_id)
-
-
-class AsyncViews:
-    def __init__(self, client: redis.asyncio.Redis, keys: KeyMap) -> None:
+    def __init__(self, client: redis.asyncio.Redis, keys: KeyMap, *, partitions: int = 8) -> None:
+        super().__init__(keys, partitions=partitions)
         self.redis = client
-        self.keys = keys
-        self._generations: dict[str, int] = {}
 
     async def aclose(self) -> None:
         await self.redis.aclose()
@@ -131,7 +160,8 @@ class AsyncViews:
         `send_packed_command` runs in an `asyncio.wait_for` (a task per write) and each
         `read_response` in a timeout context of its own. Here one `asyncio.timeout`
         (the client's socket timeout) covers the write and both replies, read straight
-        from the connection's hiredis reader (`_read_replies`)."""
+        from the connection's hiredis reader (`_send_and_read`). Waiting for a free
+        connection is the pool's business and outside that timeout (`WaitingPool`)."""
         pool = self.redis.connection_pool
         for attempt in (1, 2):
             conn = await pool.get_connection()
@@ -156,36 +186,84 @@ class AsyncViews:
                 await pool.release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _view(
-        self, projection: str, key_of: Callable[[ViewKeys], str]
-    ) -> tuple[str, dict[str, str]]:
-        generation_key = self.keys.generation(projection)
-        for _ in range(3):
-            assumed = self._generations.get(projection, 1)
-            key = key_of(self.keys.views(projection, assumed))
-            live, data = await self._round_trip((("GET", generation_key), ("HGETALL", key)))
-            if int(live or 0) == assumed:
-                break
-            self._generations[projection] = int(live or 0)  # a rebuild switched: read again
-        return key, hash_fields(data)
+    async def _run(self, plan: Plan[T]) -> T:
+        """Drive a plan: each yielded batch of commands is one round trip."""
+        try:
+            commands = next(plan)
+            while True:
+                commands = plan.send(await self._round_trip(commands))
+        except StopIteration as done:
+            return done.value
+        finally:
+            plan.close()
+
+    async def ping(self) -> None:
+        await self._round_trip([("PING",)])
 
     async def get_product(self, product_id: UUID | str) -> ProductView:
-        pid = view_id(product_id, "product")
-        key, data = await self._view("products", lambda v: v.product(pid))
-        if not data.get("version"):
-            raise NotFound(f"product {pid} not found")
-        return view_model(ProductView, data, key)
+        return await self._run(self._product(product_id))
+
+    async def list_products(
+        self, *, sort: str = "name", limit: int = 20, cursor: str | None = None
+    ) -> Page[ProductView]:
+        return await self._run(self._product_list(sort, limit, cursor))
+
+    async def top_products(self, *, limit: int = 10) -> list[ProductView]:
+        return await self._run(self._top_products(limit))
 
     async def get_customer(self, customer_id: UUID | str) -> CustomerView:
-        cid = view_id(customer_id, "customer")
-        key, data = await self._view("customers", lambda v: v.customer(cid))
-        if not data.get("version"):
-            raise NotFound(f"customer {cid} not found")
-        return view_model(CustomerView, data, key)
+        return await self._run(self._customer(customer_id))
 
     async def get_order(self, order_id: UUID | str) -> OrderView:
-        oid = view_id(order_id, "order")
-        key, data = await self._view("orders", lambda v: v.order(oid))
-        if not data.get("version"):
-            raise NotFound(f"order {oid} not found")
-        return order_view(data, key)
+        return await self._run(self._order(order_id))
+
+    async def customer_orders(
+        self, customer_id: UUID | str, *, limit: int = 20, cursor: str | None = None
+    ) -> Page[OrderView]:
+        return await self._run(self._customer_orders(customer_id, limit, cursor))
+
+    async def behind(self, token: str) -> list[str]:
+        return await self._run(self._behind(token))
+
+    async def rebuilding(self) -> set[str]:
+        return await self._run(self._rebuilding())
+
+
+class BlockingLag:
+    """Each projection's lag, from the synchronous `QueryService.lag`.
+
+    Lag comes from XINFO replies parsed by redis-py's response callbacks and the kernel's
+    `cqrs.streams.group_lag`, which has no asyncio twin; rather than write that parsing a
+    second time, it runs on a small executor of its own, never the threadpool requests
+    could queue in, over a client whose pool is as small as the executor. Callers that
+    arrive while a read is running share it (`read`), and a burst of read-your-writes
+    timeouts, which only quote the lag in their message, share one read per second
+    (`recent`)."""
+
+    def __init__(self, service: Any, *, threads: int = 2) -> None:
+        self.service = service
+        self._executor = ThreadPoolExecutor(threads, thread_name_prefix="cqrs-lag")
+        self._running: asyncio.Future[dict[str, dict[str, int]]] | None = None
+        self._last: tuple[float, dict[str, dict[str, int]]] | None = None
+
+    async def read(self) -> dict[str, dict[str, int]]:
+        """The lag now (or from a read that is running right now)."""
+        if self._running is None or self._running.done():
+            loop = asyncio.get_running_loop()
+            self._running = loop.run_in_executor(self._executor, self._read_and_keep)
+        return await asyncio.shield(self._running)
+
+    async def recent(self, max_age: float = 1.0) -> dict[str, dict[str, int]]:
+        """The lag as of at most `max_age` seconds ago."""
+        if self._last is not None and time.monotonic() - self._last[0] <= max_age:
+            return self._last[1]
+        return await self.read()
+
+    def _read_and_keep(self) -> dict[str, dict[str, int]]:
+        lags = self.service.lag()
+        self._last = (time.monotonic(), lags)
+        return lags
+
+    def close(self) -> None:
+        self._executor.shutdown(wait=False, cancel_futures=True)
+        self.service.redis.close()

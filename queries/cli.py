@@ -1,23 +1,29 @@
 """`cqrs query ...`: the views for people (rich tables) and scripts (`--json`).
 
-Unknown id: exit 1 and "not found", with no fallback anywhere else. `--after TOKEN`
-waits (up to `--timeout` seconds) until the views reflect the write that printed TOKEN.
+Unknown id: exit 1 and "not found", with no fallback anywhere else; an id that is not a
+UUID, a bad cursor or token: exit 2, as in the write commands. `--after TOKEN` waits (up
+to `--timeout` seconds) until the views reflect the write that printed TOKEN. With
+`--json`, one view is one object and every list is `{"items": [...], "next_cursor": ...}`,
+the same shapes as the HTTP API.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
+from enum import StrEnum
 from typing import Any
+from uuid import UUID
 
 import typer
+from pydantic import TypeAdapter, ValidationError
 from rich.table import Table
 
 from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
 from cqrs.console import EXIT_USAGE, fail, out, print_json
 from cqrs.tokens import TokenError
 from cqrs.wiring import Wiring
-from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
+from queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
 from queries.models import CustomerView, OrderView, Page, ProductView
 from queries.service import QueryService
 
@@ -26,6 +32,24 @@ query_app = typer.Typer(help="Read the views (never PostgreSQL).", no_args_is_he
 JSON = typer.Option(False, "--json", help="Print JSON on stdout.")
 AFTER = typer.Option(None, "--after", help="Wait until the views reflect this write token.")
 TIMEOUT = typer.Option(5.0, "--timeout", min=0.0, help="Seconds to wait for --after.")
+
+_UUID = TypeAdapter(UUID)
+
+
+class ProductSort(StrEnum):
+    """The product indexes a page can follow (click offers and checks the choices)."""
+
+    name = "name"
+    price = "price"
+
+
+def parse_id(value: str, field: str) -> UUID:
+    """An id argument, checked before anything connects: not a UUID is a usage error
+    (exit 2, the write commands' wording), not a "not found"."""
+    try:
+        return _UUID.validate_python(value)
+    except ValidationError as exc:
+        fail(f"invalid {field}: {exc.errors()[0]['msg']}", EXIT_USAGE)
 
 
 @contextmanager
@@ -41,20 +65,17 @@ def service(after: str | None, timeout: float) -> Iterator[QueryService]:
         fail(str(exc), EXIT_USAGE)
     except BadCursor as exc:
         fail(str(exc), EXIT_USAGE)
-    except (NotFound, NotCaughtUp, BadView) as exc:
+    except (NotFound, NotCaughtUp, BadView, Busy) as exc:
         fail(str(exc))
     finally:
         wiring.close()
 
 
-def _emit(data: Any, json_output: bool, render: Callable[[Any], None]) -> None:
+def _emit_page(page: Page[Any], json_output: bool, table: Table) -> None:
     if json_output:
-        if isinstance(data, list):
-            print_json([item.model_dump(mode="json") for item in data])
-        else:
-            print_json(data.model_dump(mode="json"))
+        print_json(page.model_dump(mode="json"))
     else:
-        render(data)
+        _render_page(page, table)
 
 
 def _product_table(products: list[ProductView], title: str) -> Table:
@@ -134,29 +155,28 @@ def query_product(
     timeout: float = TIMEOUT,
 ) -> None:
     """One product."""
+    pid = parse_id(product_id, "product_id")
     with service(after, timeout) as svc:
-        product = svc.get_product(product_id)
-    _emit(product, json_output, lambda p: out.print(_product_table([p], f"product {p.id}")))
+        product = svc.get_product(pid)
+    if json_output:
+        print_json(product.model_dump(mode="json"))
+    else:
+        out.print(_product_table([product], f"product {product.id}"))
 
 
 @query_app.command("products")
 def query_products(
-    sort: str = typer.Option("name", "--sort", help="name or price"),
+    sort: ProductSort = typer.Option(ProductSort.name, "--sort", help="Order of the pages."),
     limit: int = typer.Option(20, "--limit", min=1, max=500),
-    cursor: str = typer.Option(None, "--cursor", help="From a previous page."),
+    cursor: str = typer.Option(None, "--cursor", help="From a previous page of the same --sort."),
     json_output: bool = JSON,
     after: str = AFTER,
     timeout: float = TIMEOUT,
 ) -> None:
     """The catalog, sorted by name or price, a page at a time."""
-    if sort not in ("name", "price"):
-        fail(f"invalid --sort {sort!r}: use name or price", EXIT_USAGE)
     with service(after, timeout) as svc:
-        page = svc.list_products(sort=sort, limit=limit, cursor=cursor)
-    if json_output:
-        print_json(page.model_dump(mode="json"))
-    else:
-        _render_page(page, _product_table(page.items, f"products by {sort}"))
+        page = svc.list_products(sort=sort.value, limit=limit, cursor=cursor)
+    _emit_page(page, json_output, _product_table(page.items, f"products by {sort.value}"))
 
 
 @query_app.command("customer")
@@ -167,9 +187,13 @@ def query_customer(
     timeout: float = TIMEOUT,
 ) -> None:
     """One customer with order count and lifetime value."""
+    cid = parse_id(customer_id, "customer_id")
     with service(after, timeout) as svc:
-        customer = svc.get_customer(customer_id)
-    _emit(customer, json_output, render_customer)
+        customer = svc.get_customer(cid)
+    if json_output:
+        print_json(customer.model_dump(mode="json"))
+    else:
+        render_customer(customer)
 
 
 @query_app.command("order")
@@ -180,9 +204,13 @@ def query_order(
     timeout: float = TIMEOUT,
 ) -> None:
     """One order, denormalized: customer name, lines as placed, status."""
+    oid = parse_id(order_id, "order_id")
     with service(after, timeout) as svc:
-        order = svc.get_order(order_id)
-    _emit(order, json_output, render_order)
+        order = svc.get_order(oid)
+    if json_output:
+        print_json(order.model_dump(mode="json"))
+    else:
+        render_order(order)
 
 
 @query_app.command("customer-orders")
@@ -195,12 +223,10 @@ def query_customer_orders(
     timeout: float = TIMEOUT,
 ) -> None:
     """A customer's orders, newest first."""
+    cid = parse_id(customer_id, "customer_id")
     with service(after, timeout) as svc:
-        page = svc.customer_orders(customer_id, limit=limit, cursor=cursor)
-    if json_output:
-        print_json(page.model_dump(mode="json"))
-    else:
-        _render_page(page, _orders_table(page.items, f"orders of {customer_id}"))
+        page = svc.customer_orders(cid, limit=limit, cursor=cursor)
+    _emit_page(page, json_output, _orders_table(page.items, f"orders of {cid}"))
 
 
 @query_app.command("top-products")
@@ -213,7 +239,9 @@ def query_top_products(
     """Best sellers by units sold (cancelled orders do not count)."""
     with service(after, timeout) as svc:
         products = svc.top_products(limit=limit)
-    _emit(products, json_output, lambda ps: out.print(_product_table(ps, "top products")))
+    # One page, never a cursor: the same list shape as every other list.
+    page = Page[ProductView](items=products, next_cursor=None)
+    _emit_page(page, json_output, _product_table(products, "top products"))
 
 
 def serve_command(
@@ -228,16 +256,21 @@ def serve_command(
 
     configure_logging(logging.INFO)
     settings = load_settings()
-    from queries.http import serve  # FastAPI/uvicorn load only for this command
+    from queries.http import bind_listener, serve  # FastAPI/uvicorn load only for this command
 
+    try:
+        sock = bind_listener(host, port)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     metrics = start_metrics_or_fail(settings, metrics_port)
     wiring = Wiring(settings)
     try:
         if metrics is not None:
             svc = QueryService(wiring.redis, wiring.keys, partitions=settings.partitions)
             metrics.add_gauges(lambda: query_gauges(svc))
-        serve(settings, host=host, port=port, own_logging=False)
+        serve(settings, host=host, port=port, own_logging=False, sock=sock)
     finally:
+        sock.close()
         wiring.close()
 
 

@@ -8,38 +8,43 @@ Conventions every endpoint keeps:
 - bodies are the pydantic views serialised to JSON (field names as in the views); lists
   are `{"items": [...], "next_cursor": ...}`, top products `{"items": [...]}`;
 - errors are `{"error": <slug>, "detail": <one line>}`: 400 bad request (bad cursor, sort,
-  limit, token; FastAPI's 422 validation errors are turned into 400 too), 404 not found,
-  500 `bad_view` (a view our projections could not have written), 503 Redis unreachable,
-  504 read-your-writes gave up;
+  limit, token, a cursor of another sort; FastAPI's 422 validation errors are turned into
+  400 too), 404 not found, 500 `bad_view` (a view our projections could not have
+  written), 503 `unavailable` (Redis unreachable) or `busy` (overload, with
+  `Retry-After`), 504 read-your-writes gave up;
 - `?after=TOKEN[&timeout=s]` waits until the views reflect the write that printed TOKEN;
 - `ETag` + `Cache-Control: no-cache` on every read, `If-None-Match` answered with 304.
 
-Get-by-id (`/products/{id}`, `/customers/{id}`, `/orders/{id}`) is `async`: it reads on
-redis.asyncio (`queries.aio.AsyncViews`, the same round trip and models as the query
-service) and answers with the body serialised once, straight from the model to JSON
-bytes, hashed once for the ETag. Running a sync function in FastAPI's threadpool costs a
-thread hand-off each way, more than the Redis round trip itself, and every sync
-dependency adds one more. The other endpoints call the synchronous QueryService
-(redis-py) from plain `def` functions, so FastAPI runs them in its threadpool; the
-`?after=` wait is a blocking pub/sub wait on the same service, run in the threadpool
-from the async dependency, so the event loop never blocks, even while it waits up to
-30 s. The QueryService is shared by those threads: its Redis client is a thread-safe
-pool and its only state is a cache of live generations.
+Every endpoint is `async` on redis.asyncio (`queries.aio.AsyncViews`: the same plans,
+round trips and models as `cqrs query`), so none of them waits in a threadpool behind
+another: a thread hand-off each way cost more than the Redis round trip itself, and a
+pool of 40 threads was a queue that 40 read-your-writes waiters filled, stalling the list
+endpoints and the health check for as long as the waiters waited. Now:
+- `?after=` waits are `queries.waiters.AppliedWaiters`: no thread and no connection per
+  waiter, one shared subscription to the applied channel, at most
+  `CQRS_HTTP_MAX_WAITERS` at once (503 busy beyond), the client's timeout a deadline;
+- Redis connections come from one bounded blocking pool
+  (`CQRS_HTTP_REDIS_MAX_CONNECTIONS`): a request that finds them all busy waits for one
+  (`CQRS_HTTP_REDIS_POOL_TIMEOUT`), then gets 503 busy with `Retry-After`; only a Redis
+  that does not answer is 503 unavailable;
+- the health check's lag (XINFO, parsed by the kernel's synchronous code) runs on a
+  two-thread executor of its own (`queries.aio.BlockingLag`).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import AsyncIterator, Callable
+import socket
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
 
 import redis
-from fastapi import Depends, FastAPI, Query, Request
-from fastapi.concurrency import run_in_threadpool
+from fastapi import FastAPI, Query, Request
 from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
@@ -50,16 +55,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from cqrs.settings import Settings
 from cqrs.tokens import TokenError
 from cqrs.urls import mask_url
-from queries.aio import AsyncViews, ThreadpoolViews, make_async_redis
-from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
+from queries.aio import AsyncViews, BlockingLag, client_options, make_async_redis
+from queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
 from queries.models import CustomerView, OrderView, Page, ProductView
 from queries.service import MAX_LIMIT, QueryService
+from queries.waiters import AppliedWaiters
 
 TITLE = "cqrs-projector query API"
 MAX_WAIT_SECONDS = 30.0
-
-ServiceFactory = Callable[[], QueryService]
-ViewsFactory = Callable[[], AsyncViews]
+# Threads (and sync Redis connections) for the lag reads of health checks and timeouts.
+LAG_THREADS = 2
 
 
 # --- response shapes that are not views ------------------------------------------------
@@ -165,6 +170,10 @@ def _install_error_handlers(app: FastAPI) -> None:
     async def not_caught_up(_request: Request, exc: NotCaughtUp) -> Response:
         return _error(504, "not_caught_up", str(exc))
 
+    @app.exception_handler(Busy)
+    async def busy(_request: Request, exc: Busy) -> Response:
+        return _error(503, "busy", str(exc), {"Retry-After": str(exc.retry_after)})
+
     @app.exception_handler(redis.ConnectionError)
     @app.exception_handler(redis.TimeoutError)
     async def redis_down(_request: Request, exc: redis.RedisError) -> Response:
@@ -179,13 +188,55 @@ def _install_error_handlers(app: FastAPI) -> None:
         return _error(exc.status_code, slug, str(exc.detail), dict(exc.headers or {}))
 
 
-# --- dependencies ----------------------------------------------------------------------
+# --- the server's state ----------------------------------------------------------------
 
 
-async def query_service(request: Request) -> QueryService:
-    """`async` so that FastAPI calls it on the event loop (a plain `def` dependency costs
-    a threadpool hop of its own)."""
-    return request.app.state.query_service
+@dataclass
+class ServerState:
+    """What the lifespan builds: the async reader every endpoint uses, the waiters, and
+    the lag reader; all on clients named `cqrs-serve.<namespace>` in `CLIENT LIST`."""
+
+    views: AsyncViews
+    waiters: AppliedWaiters
+    lag: BlockingLag
+
+    async def aclose(self) -> None:
+        await self.waiters.aclose()
+        await self.views.aclose()
+        self.lag.close()
+
+
+def build_state(settings: Settings | None) -> ServerState:
+    """The server's readers from settings (Redis only: `engine` is never asked for)."""
+    from cqrs.wiring import Wiring
+
+    wiring = Wiring(settings)  # Settings() read here, at startup, not at import
+    s = wiring.settings
+    name = f"cqrs-serve.{s.namespace}"
+    client = make_async_redis(
+        wiring.redis_url,
+        socket_timeout=s.redis_socket_timeout,
+        max_connections=s.http_redis_max_connections,
+        pool_timeout=s.http_redis_pool_timeout,
+        client_name=name,
+    )
+    views = AsyncViews(client, wiring.keys, partitions=s.partitions)
+    sync_pool = redis.BlockingConnectionPool.from_url(
+        wiring.redis_url,
+        max_connections=LAG_THREADS,
+        timeout=s.redis_socket_timeout,
+        **client_options(s.redis_socket_timeout, name),
+    )
+    lag = BlockingLag(
+        QueryService(redis.Redis(connection_pool=sync_pool), wiring.keys, partitions=s.partitions),
+        threads=LAG_THREADS,
+    )
+    waiters = AppliedWaiters(views, max_waiters=s.http_max_waiters, recent_lag=lag.recent)
+    return ServerState(views=views, waiters=waiters, lag=lag)
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.server
 
 
 AFTER = Query(None, description="A write's consistency token: answer only once the views show it.")
@@ -194,25 +245,14 @@ TIMEOUT = Query(
 )
 
 
-async def caught_up(request: Request, after: str | None, timeout: float) -> QueryService:
-    """Read-your-writes: wait (in the threadpool, only when `after` is given) until the
-    token's write is projected."""
-    service: QueryService = request.app.state.query_service
+async def caught_up(request: Request, after: str | None, timeout: float) -> AsyncViews:
+    """Read-your-writes: wait (only when `after` is given) until the token's write is
+    projected; the views reader either way."""
+    state = _state(request)
     if after:
-        await run_in_threadpool(service.wait_for, after, timeout=timeout)
-    return service
+        await state.waiters.wait_for(after, timeout)
+    return state.views
 
-
-async def caught_up_service(
-    request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
-) -> QueryService:
-    """`caught_up` as a dependency (for the list endpoints). The get-by-id endpoints take
-    `after` and `timeout` as their own parameters instead: every dependency FastAPI
-    resolves costs a second pass of its parameter machinery on the hot path."""
-    return await caught_up(request, after, timeout)
-
-
-Service = Depends(caught_up_service)
 
 _CACHE_HEADERS = {
     "ETag": {"description": "weak tag of this body", "schema": {"type": "string"}},
@@ -227,7 +267,14 @@ _READ_RESPONSES: dict[int | str, dict[str, Any]] = {
         "description": "a view our projections could not have written (edited by hand, "
         "corrupted); `cqrs verify` compares the views with PostgreSQL",
     },
-    503: {"model": ErrorBody, "description": "Redis unreachable"},
+    503: {
+        "model": ErrorBody,
+        "description": "`unavailable`: Redis unreachable; `busy`: too many waiters or every "
+        "Redis connection busy (see `Retry-After`)",
+        "headers": {
+            "Retry-After": {"description": "seconds, with `busy`", "schema": {"type": "string"}}
+        },
+    },
     504: {"model": ErrorBody, "description": "the views did not reach `after` in time"},
 }
 _ONE_RESPONSES = {**_READ_RESPONSES, 404: {"model": ErrorBody, "description": "no such view"}}
@@ -236,12 +283,12 @@ _ONE_RESPONSES = {**_READ_RESPONSES, 404: {"model": ErrorBody, "description": "n
 # --- health ----------------------------------------------------------------------------
 
 
-def health(service: QueryService) -> tuple[int, Health]:
+async def health(state: ServerState) -> tuple[int, Health]:
     """Redis reachable and, per projection, how far behind the streams it is."""
     try:
-        service.redis.ping()
-        lags = service.lag()
-        rebuilding = service.rebuilding()
+        await state.views.ping()
+        rebuilding = await state.views.rebuilding()
+        lags = await state.lag.read()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
         return 503, Health(status="unavailable", redis=mask_url(f"unreachable: {exc}"))
     # Still 200 while rebuilding: a manual replay keeps the live generation serving; after
@@ -267,64 +314,17 @@ def _package_version() -> str:
         return "0.0.0"
 
 
-def _settings_service_factory(
-    settings: Settings | None,
-) -> tuple[ServiceFactory, ViewsFactory, list[Any]]:
-    """Factories building the query service and the async get-by-id reader on one Wiring
-    (Redis only: `engine` is never asked for); the wiring is remembered so the lifespan
-    can close it."""
-    wirings: list[Any] = []
-
-    def wiring() -> Any:
-        from cqrs.wiring import Wiring
-
-        if not wirings:
-            wirings.append(Wiring(settings))  # Settings() read here, at startup, not at import
-        return wirings[0]
-
-    def build() -> QueryService:
-        w = wiring()
-        return QueryService(w.redis, w.keys, partitions=w.settings.partitions)
-
-    def build_views() -> AsyncViews:
-        w = wiring()
-        client = make_async_redis(w.redis_url, socket_timeout=w.settings.redis_socket_timeout)
-        return AsyncViews(client, w.keys)
-
-    return build, build_views, wirings
-
-
-def create_app(
-    settings: Settings | None = None,
-    *,
-    service_factory: ServiceFactory | None = None,
-    views_factory: ViewsFactory | None = None,
-) -> FastAPI:
-    """The ASGI app. `service_factory` (for embedding or tests) replaces building the
-    QueryService from `settings`, and `views_factory` the async get-by-id reader (without
-    one, get-by-id calls the given service in the threadpool); either way they are built
-    at startup and their Redis clients closed at shutdown."""
-    wirings: list[Any] = []
-    if service_factory is None:
-        service_factory, settings_views, wirings = _settings_service_factory(settings)
-        views_factory = views_factory or settings_views
-    factory = service_factory
-    make_views = views_factory
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The ASGI app; its readers are built at startup from `settings` (default: the
+    environment) and their Redis clients closed at shutdown."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        service = factory()
-        app.state.query_service = service
-        app.state.views = make_views() if make_views else ThreadpoolViews(service)
+        app.state.server = build_state(settings)
         try:
             yield
         finally:
-            await app.state.views.aclose()
-            if wirings:
-                for wiring in wirings:
-                    wiring.close()
-            else:
-                service.redis.close()
+            await app.state.server.aclose()
 
     app = FastAPI(
         title=TITLE,
@@ -342,11 +342,9 @@ def create_app(
     return app
 
 
-def _views(request: Request) -> AsyncViews | ThreadpoolViews:
-    return request.app.state.views
-
-
 def _install_routes(app: FastAPI) -> None:
+    # `after` and `timeout` are each endpoint's own parameters, not a dependency: every
+    # dependency FastAPI resolves costs a second pass of its parameter machinery.
     @app.get(
         "/products/{product_id}",
         response_model=ProductView,
@@ -357,8 +355,8 @@ def _install_routes(app: FastAPI) -> None:
         product_id: str, request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
     ) -> Any:
         """One product: name, price, stock, units sold, revenue."""
-        await caught_up(request, after, timeout)
-        return view_response(request, model_body(await _views(request).get_product(product_id)))
+        views = await caught_up(request, after, timeout)
+        return view_response(request, model_body(await views.get_product(product_id)))
 
     @app.get(
         "/products",
@@ -366,16 +364,21 @@ def _install_routes(app: FastAPI) -> None:
         responses=_READ_RESPONSES,
         tags=["products"],
     )
-    def list_products(
+    async def list_products(
         request: Request,
         sort: Literal["name", "price"] = Query("name", description="name or price"),
         limit: int = Query(20, ge=1, le=MAX_LIMIT),
-        cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
-        service: QueryService = Service,
+        cursor: str | None = Query(
+            None, description="`next_cursor` of the previous page (of the same sort)"
+        ),
+        after: str | None = AFTER,
+        timeout: float = TIMEOUT,
     ) -> Any:
         """The catalog a page at a time; a cursor continues after the last item shown,
-        so products added meanwhile never repeat or push others out of the next page."""
-        page = service.list_products(sort=sort, limit=limit, cursor=cursor)
+        so products added meanwhile never repeat or push others out of the next page.
+        A cursor belongs to its sort: another sort's cursor is a 400."""
+        views = await caught_up(request, after, timeout)
+        page = await views.list_products(sort=sort, limit=limit, cursor=cursor)
         return view_response(request, model_body(page))
 
     @app.get(
@@ -388,9 +391,8 @@ def _install_routes(app: FastAPI) -> None:
         customer_id: str, request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
     ) -> Any:
         """One customer with order count and lifetime value."""
-        await caught_up(request, after, timeout)
-        customer = await _views(request).get_customer(customer_id)
-        return view_response(request, model_body(customer))
+        views = await caught_up(request, after, timeout)
+        return view_response(request, model_body(await views.get_customer(customer_id)))
 
     @app.get(
         "/customers/{customer_id}/orders",
@@ -398,15 +400,17 @@ def _install_routes(app: FastAPI) -> None:
         responses=_ONE_RESPONSES,
         tags=["customers", "orders"],
     )
-    def customer_orders(
+    async def customer_orders(
         customer_id: str,
         request: Request,
         limit: int = Query(20, ge=1, le=MAX_LIMIT),
         cursor: str | None = Query(None, description="`next_cursor` of the previous page"),
-        service: QueryService = Service,
+        after: str | None = AFTER,
+        timeout: float = TIMEOUT,
     ) -> Any:
         """A customer's orders, newest first, a page at a time."""
-        page = service.customer_orders(customer_id, limit=limit, cursor=cursor)
+        views = await caught_up(request, after, timeout)
+        page = await views.customer_orders(customer_id, limit=limit, cursor=cursor)
         return view_response(request, model_body(page))
 
     @app.get(
@@ -419,8 +423,8 @@ def _install_routes(app: FastAPI) -> None:
         order_id: str, request: Request, after: str | None = AFTER, timeout: float = TIMEOUT
     ) -> Any:
         """One order, denormalized: customer name, lines as placed, status, total."""
-        await caught_up(request, after, timeout)
-        return view_response(request, model_body(await _views(request).get_order(order_id)))
+        views = await caught_up(request, after, timeout)
+        return view_response(request, model_body(await views.get_order(order_id)))
 
     @app.get(
         "/stats/top-products",
@@ -428,13 +432,15 @@ def _install_routes(app: FastAPI) -> None:
         responses=_READ_RESPONSES,
         tags=["products"],
     )
-    def top_products(
+    async def top_products(
         request: Request,
         limit: int = Query(10, ge=1, le=MAX_LIMIT),
-        service: QueryService = Service,
+        after: str | None = AFTER,
+        timeout: float = TIMEOUT,
     ) -> Any:
         """Best sellers by units sold (cancelled orders do not count)."""
-        products = service.top_products(limit=limit)
+        views = await caught_up(request, after, timeout)
+        products = await views.top_products(limit=limit)
         return view_response(request, model_body(ProductList(items=products)))
 
     @app.get(
@@ -443,9 +449,9 @@ def _install_routes(app: FastAPI) -> None:
         responses={503: {"model": Health, "description": "Redis unreachable"}},
         tags=["health"],
     )
-    def healthz(service: QueryService = Depends(query_service)) -> Any:
+    async def healthz(request: Request) -> Any:
         """200 when Redis answers, with each projection's lag; 503 when it does not."""
-        status, report = health(service)
+        status, report = await health(_state(request))
         return JSONResponse(
             jsonable_encoder(report), status_code=status, headers={"Cache-Control": "no-store"}
         )
@@ -474,15 +480,39 @@ def _install_openapi(app: FastAPI) -> None:
     app.openapi = openapi  # type: ignore[method-assign]
 
 
+def bind_listener(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before uvicorn starts: a busy port is then an OSError
+    for the caller to report in one line (uvicorn itself logs it and exits 3)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+        sock.bind((host, port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
 def serve(
-    settings: Settings, *, host: str = "127.0.0.1", port: int = 8000, own_logging: bool = True
+    settings: Settings,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    own_logging: bool = True,
+    sock: socket.socket | None = None,
 ) -> None:
     """Run the API with uvicorn; SIGTERM/SIGINT stop it cleanly. `own_logging=False`
     leaves logging to the caller (`cqrs serve` uses cqrs.logs: text or JSON lines,
-    passwords masked); True keeps uvicorn's default logging."""
+    passwords masked); True keeps uvicorn's default logging. `sock` is a socket from
+    `bind_listener` (else one is bound here, and a busy port raises OSError)."""
     import uvicorn
 
-    if own_logging:
-        uvicorn.run(create_app(settings), host=host, port=port)
-    else:
-        uvicorn.run(create_app(settings), host=host, port=port, log_config=None)
+    listener = sock or bind_listener(host, port)
+    options: dict[str, Any] = {} if own_logging else {"log_config": None}
+    config = uvicorn.Config(create_app(settings), host=host, port=port, **options)
+    try:
+        uvicorn.Server(config).run(sockets=[listener])
+    finally:
+        listener.close()

@@ -9,6 +9,13 @@ Rules this module keeps:
   then every view of the page in one write. Never one per item;
 - a view our projections could not have written (edited by hand, truncated, another
   type) is reported as `BadView`, naming the key and what is wrong, never half-read.
+
+Every read is written once, as a *plan* (`ViewPlans`): a generator that yields the
+commands of one round trip, receives their replies, and returns the result. The
+synchronous `QueryService` (CLI, other services) and the asyncio twin
+`queries.aio.AsyncViews` (the HTTP server) only drive plans over their own I/O, so what a
+read means (generation checks, cursors, validation, read-your-writes) cannot drift
+between them.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
 from uuid import UUID
 
@@ -29,19 +36,28 @@ from cqrs.keys import KeyMap, ViewKeys
 from cqrs.redisio import hash_fields, pack, read_replies
 from cqrs.settings import Settings
 from cqrs.streams import group_lag
-from cqrs.tokens import AggregateVersion, decode_token
+from cqrs.tokens import decode_token
 from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
 from queries.models import CustomerView, OrderView, Page, ProductView
 
 T = TypeVar("T")
+Commands = list[tuple[Any, ...]]
+# A read as a generator: yields one round trip's commands, is sent their replies.
+Plan = Generator[Commands, list[Any], T]
 
 PROJECTIONS = ("products", "customers", "orders")
+PRODUCT_SORTS = ("name", "price")
 MAX_LIMIT = 500
 _SEP = "\x00"
+# Between a cursor's kind (the sort or list it was handed out for) and its index member.
+_KIND_SEP = "\x1f"
+_ORDERS_CURSOR = "orders"
 _LINE_ATTRIBUTES = ("product_id", "name", "unit_price", "qty", "line_total")
 # More lines than any order can have (commands accept 100) means a corrupted count: it is
 # reported rather than turned into that many lookups.
 _MAX_LINES = 10_000
+# A list read across this many generation switches in a row is answered as read.
+_SWITCH_RETRIES = 3
 
 
 def _line_fields(count: int) -> list[tuple[tuple[str, str], ...]]:
@@ -52,30 +68,31 @@ def _line_fields(count: int) -> list[tuple[tuple[str, str], ...]]:
 _LINE_FIELDS = _line_fields(101)
 
 
-class _GenerationSwitched(Exception):
-    """A list was read across a generation switch; read it again from the start."""
+def encode_cursor(member: str, kind: str | None = None) -> str:
+    """An opaque cursor for the index member a page ended at. `kind` (the sort order or
+    list it belongs to) travels inside it, so a cursor reused with another sort is
+    refused instead of silently starting at a member of another index."""
+    text = member if kind is None else f"{kind}{_KIND_SEP}{member}"
+    return base64.urlsafe_b64encode(text.encode()).decode().rstrip("=")
 
 
-def _retry_on_switch(read: Callable[[], T]) -> T:
-    for _ in range(3):
-        try:
-            return read()
-        except _GenerationSwitched:
-            continue
-    return read()
-
-
-def encode_cursor(member: str) -> str:
-    return base64.urlsafe_b64encode(member.encode()).decode().rstrip("=")
-
-
-def decode_cursor(cursor: str, separator: str) -> str:
-    """The index member a page ended at; anything we did not hand out is rejected."""
+def decode_cursor(cursor: str, separator: str, kind: str | None = None) -> str:
+    """The index member a page ended at; anything we did not hand out is rejected, and a
+    cursor of another kind says so (another sort of the same list is a usage mistake
+    worth naming; anything else is just not ours)."""
     try:
         padded = cursor + "=" * (-len(cursor) % 4)
         member = base64.b64decode(padded, altchars=b"-_", validate=True).decode()
     except (binascii.Error, UnicodeDecodeError, ValueError):
         raise BadCursor("invalid cursor") from None
+    if kind is not None:
+        found, marker, member = member.partition(_KIND_SEP)
+        if not marker:
+            raise BadCursor("invalid cursor")
+        if found != kind:
+            if found in PRODUCT_SORTS and kind in PRODUCT_SORTS:
+                raise BadCursor("cursor belongs to another sort")
+            raise BadCursor("invalid cursor")
     if separator not in member or len(member) > 1000:
         raise BadCursor("invalid cursor")
     return member
@@ -126,12 +143,229 @@ def order_view(data: dict[str, str], key: str) -> OrderView:
     return view_model(OrderView, {**data, "lines": lines}, key)
 
 
-class QueryService:
-    def __init__(self, client: redis.Redis, keys: KeyMap, *, partitions: int = 8) -> None:
-        self.redis = client
+class ViewPlans:
+    """Every read of the views, as plans (see the module docstring), and the one piece of
+    state they share: the live generation each projection had at this reader's last read
+    (a reader assumes it unchanged, and reads again when the reply says otherwise)."""
+
+    def __init__(self, keys: KeyMap, *, partitions: int = 8) -> None:
         self.keys = keys
         self.partitions = partitions
         self._generations: dict[str, int] = {}
+
+    # --- reading with the live generation ----------------------------------------------
+
+    def _read(self, projection: str, build: Callable[[ViewKeys], Commands]) -> Plan[list[Any]]:
+        """The replies of `build`'s commands against the live generation's views."""
+        generation_key = self.keys.generation(projection)
+        for _ in range(3):
+            assumed = self._generations.get(projection, 1)
+            first, *rest = yield [
+                ("GET", generation_key),
+                *build(self.keys.views(projection, assumed)),
+            ]
+            live = int(first or 0)
+            if live == assumed:
+                return rest
+            self._generations[projection] = live  # a rebuild switched: read again
+        return rest
+
+    def _hashes(
+        self, projection: str, keys: list[str], last_try: bool
+    ) -> Plan[list[dict[str, str]] | None]:
+        """The views of one page, in one trip with the generation number; None when a
+        rebuild switched generations since the index was read (read the page again)."""
+        live, *hashes = yield [
+            ("GET", self.keys.generation(projection)),
+            *[("HGETALL", k) for k in keys],
+        ]
+        if int(live or 0) != self._generations.get(projection, 1):
+            self._generations[projection] = int(live or 0)
+            if not last_try:
+                return None
+        return [hash_fields(h) for h in hashes]
+
+    def _view(
+        self, projection: str, key_of: Callable[[ViewKeys], str]
+    ) -> Plan[tuple[str, dict[str, str]]]:
+        """One view hash by id: its key in the live generation and its fields, read with
+        the generation number in one trip (`_read`, without its list plumbing)."""
+        generation_key = self.keys.generation(projection)
+        for _ in range(3):
+            assumed = self._generations.get(projection, 1)
+            key = key_of(self.keys.views(projection, assumed))
+            live, data = yield [("GET", generation_key), ("HGETALL", key)]
+            if int(live or 0) == assumed:
+                break
+            self._generations[projection] = int(live or 0)  # a rebuild switched: read again
+        return key, hash_fields(data)
+
+    # --- products ----------------------------------------------------------------------
+
+    def _product(self, product_id: UUID | str) -> Plan[ProductView]:
+        pid = view_id(product_id, "product")
+        key, data = yield from self._view("products", lambda v: v.product(pid))
+        if not data.get("version"):
+            raise NotFound(f"product {pid} not found")
+        return view_model(ProductView, data, key)
+
+    def _product_list(self, sort: str, limit: int, cursor: str | None) -> Plan[Page[ProductView]]:
+        if sort not in PRODUCT_SORTS:
+            raise BadCursor(f"unknown sort {sort!r} (name or price)")
+        limit = max(1, min(limit, MAX_LIMIT))
+        start = f"({decode_cursor(cursor, _SEP, sort)}" if cursor else "-"
+
+        def page(v: ViewKeys) -> Commands:
+            index = v.products_by_name() if sort == "name" else v.products_by_price()
+            return [("ZRANGEBYLEX", index, start, "+", "LIMIT", 0, limit + 1)]
+
+        for attempt in range(_SWITCH_RETRIES + 1):
+            [members] = yield from self._read("products", page)
+            shown = members[:limit]
+            views = yield from self._product_views(
+                [m.rsplit(_SEP, 1)[-1] for m in shown], attempt == _SWITCH_RETRIES
+            )
+            if views is not None:
+                more = len(members) > limit
+                return Page[ProductView](
+                    items=views, next_cursor=encode_cursor(shown[-1], sort) if more else None
+                )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _product_views(self, ids: list[str], last_try: bool) -> Plan[list[ProductView] | None]:
+        views = self.keys.views("products", self._generations.get("products", 1))
+        keys = [views.product(i) for i in ids]
+        hashes = yield from self._hashes("products", keys, last_try)
+        if hashes is None:
+            return None
+        return [
+            view_model(ProductView, data, key)
+            for key, data in zip(keys, hashes, strict=True)
+            if data.get("version")
+        ]
+
+    def _top_products(self, limit: int) -> Plan[list[ProductView]]:
+        limit = max(1, min(limit, MAX_LIMIT))
+        for attempt in range(_SWITCH_RETRIES + 1):
+            [ids] = yield from self._read(
+                "products", lambda v: [("ZREVRANGE", v.top_products(), 0, limit - 1)]
+            )
+            views = yield from self._product_views(ids, attempt == _SWITCH_RETRIES)
+            if views is not None:
+                return views
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- customers and orders ----------------------------------------------------------
+
+    def _customer(self, customer_id: UUID | str) -> Plan[CustomerView]:
+        cid = view_id(customer_id, "customer")
+        key, data = yield from self._view("customers", lambda v: v.customer(cid))
+        if not data.get("version"):
+            raise NotFound(f"customer {cid} not found")
+        return view_model(CustomerView, data, key)
+
+    def _order(self, order_id: UUID | str) -> Plan[OrderView]:
+        oid = view_id(order_id, "order")
+        key, data = yield from self._view("orders", lambda v: v.order(oid))
+        if not data.get("version"):
+            raise NotFound(f"order {oid} not found")
+        return order_view(data, key)
+
+    def _customer_orders(
+        self, customer_id: UUID | str, limit: int, cursor: str | None
+    ) -> Plan[Page[OrderView]]:
+        """Newest first. Unknown customer: NotFound (its view is checked in the same trip)."""
+        cid = view_id(customer_id, "customer")
+        limit = max(1, min(limit, MAX_LIMIT))
+        start = f"({decode_cursor(cursor, ':', _ORDERS_CURSOR)}" if cursor else "+"
+
+        def page(v: ViewKeys) -> Commands:
+            return [
+                ("EXISTS", v.order_customer(cid)),
+                ("ZREVRANGEBYLEX", v.customer_orders(cid), start, "-", "LIMIT", 0, limit + 1),
+            ]
+
+        for attempt in range(_SWITCH_RETRIES + 1):
+            known, members = yield from self._read("orders", page)
+            if not known and not members:
+                raise NotFound(f"customer {cid} not found")
+            views = self.keys.views("orders", self._generations.get("orders", 1))
+            shown = members[:limit]
+            keys = [views.order(m.rsplit(":", 1)[-1]) for m in shown]
+            hashes = yield from self._hashes("orders", keys, attempt == _SWITCH_RETRIES)
+            if hashes is None:
+                continue
+            items = [
+                order_view(data, key)
+                for key, data in zip(keys, hashes, strict=True)
+                if data.get("version")
+            ]
+            more = len(members) > limit
+            cursor_out = encode_cursor(shown[-1], _ORDERS_CURSOR) if more else None
+            return Page[OrderView](items=items, next_cursor=cursor_out)
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    # --- read-your-writes and health ---------------------------------------------------
+
+    def _behind(self, token: str) -> Plan[list[str]]:
+        """What the projections have not applied yet of the write behind `token`: every
+        applied mark the token names, in the live generation, below the token's version."""
+        versions = decode_token(token)
+        replies = yield [("GET", self.keys.generation(p)) for p in PROJECTIONS]
+        generations = {p: int(g or 1) for p, g in zip(PROJECTIONS, replies, strict=True)}
+        marks: list[tuple[str, str, str, int]] = []
+        for projection in PROJECTIONS:
+            for v in versions:
+                mark = self.keys.applied_marks(
+                    projection,
+                    generations[projection],
+                    v.aggregate_type,
+                    v.aggregate_id,
+                    v.partition_key,
+                )
+                if mark:
+                    marks.append((projection, mark[0], mark[1], v.version))
+        if not marks:
+            return []
+        applied = yield [("HGET", key, field) for _, key, field, _ in marks]
+        missing = []
+        for (projection, key, _field, wanted), got in zip(marks, applied, strict=True):
+            if int(got or 0) < wanted:
+                missing.append(f"{projection} at version {int(got or 0)} of {wanted} ({key})")
+        return missing
+
+    def _rebuilding(self) -> Plan[set[str]]:
+        """Projections being rebuilt (a replay holds their lock) or with no views at all
+        (not built yet, or Redis lost its data and the workers are rebuilding them)."""
+        commands: Commands = []
+        for projection in PROJECTIONS:
+            commands += [
+                ("EXISTS", self.keys.replay_lock(projection)),
+                ("EXISTS", self.keys.generation(projection)),
+            ]
+        results = yield commands
+        return {p for i, p in enumerate(PROJECTIONS) if results[2 * i] or not results[2 * i + 1]}
+
+
+def not_caught_up(token_timeout: float, missing: list[str] | None, summary: str) -> NotCaughtUp:
+    """The one message for a read-your-writes wait that gave up (CLI and HTTP alike)."""
+    what = missing[0] if missing else "the views could not be checked in time"
+    return NotCaughtUp(
+        f"views did not reflect the write within {token_timeout:g}s: {what}; {summary}"
+    )
+
+
+def lag_summary(lags: dict[str, dict[str, int]]) -> str:
+    return ", ".join(f"{p} lag {v['lag']} pending {v['pending']}" for p, v in lags.items())
+
+
+class QueryService(ViewPlans):
+    """The reads on a synchronous redis-py client (thread-safe: its pool is, and the only
+    other state is the generation cache, whose races only cost a re-read)."""
+
+    def __init__(self, client: redis.Redis, keys: KeyMap, *, partitions: int = 8) -> None:
+        super().__init__(keys, partitions=partitions)
+        self.redis = client
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> QueryService:
@@ -140,8 +374,6 @@ class QueryService:
 
         wiring = Wiring(settings)
         return cls(wiring.redis, wiring.keys, partitions=wiring.settings.partitions)
-
-    # --- reading with the live generation ----------------------------------------------
 
     def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Send `commands` in one write on one pooled connection and read their replies.
@@ -180,191 +412,52 @@ class QueryService:
                 pool.release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _read(
-        self, projection: str, build: Callable[[ViewKeys], list[tuple[Any, ...]]]
-    ) -> list[Any]:
-        """The replies of `build`'s commands against the live generation's views."""
-        generation_key = self.keys.generation(projection)
-        for _ in range(3):
-            assumed = self._generations.get(projection, 1)
-            first, *rest = self._round_trip(
-                [("GET", generation_key), *build(self.keys.views(projection, assumed))]
-            )
-            live = int(first or 0)
-            if live == assumed:
-                return rest
-            self._generations[projection] = live  # a rebuild switched: read again
-        return rest
-
-    def _hashes(self, projection: str, keys: list[str]) -> list[dict[str, str]]:
-        """The views of one page, in one trip with the generation number: if a rebuild
-        switched generations since the index was read, the page is read again."""
-        live, *hashes = self._round_trip(
-            [("GET", self.keys.generation(projection)), *[("HGETALL", k) for k in keys]]
-        )
-        if int(live or 0) != self._generations.get(projection, 1):
-            self._generations[projection] = int(live or 0)
-            raise _GenerationSwitched
-        return [hash_fields(h) for h in hashes]
-
-    def _view(
-        self, projection: str, key_of: Callable[[ViewKeys], str]
-    ) -> tuple[str, dict[str, str]]:
-        """One view hash by id: its key in the live generation and its fields, read with
-        the generation number in one trip (`_read`, without its list plumbing)."""
-        generation_key = self.keys.generation(projection)
-        for _ in range(3):
-            assumed = self._generations.get(projection, 1)
-            key = key_of(self.keys.views(projection, assumed))
-            live, data = self._round_trip((("GET", generation_key), ("HGETALL", key)))
-            if int(live or 0) == assumed:
-                break
-            self._generations[projection] = int(live or 0)  # a rebuild switched: read again
-        return key, hash_fields(data)
-
-    # --- products ----------------------------------------------------------------------
+    def _run(self, plan: Plan[T]) -> T:
+        """Drive a plan: each yielded batch of commands is one round trip."""
+        try:
+            commands = next(plan)
+            while True:
+                commands = plan.send(self._round_trip(commands))
+        except StopIteration as done:
+            return done.value
+        finally:
+            plan.close()
 
     def get_product(self, product_id: UUID | str) -> ProductView:
-        pid = view_id(product_id, "product")
-        key, data = self._view("products", lambda v: v.product(pid))
-        if not data.get("version"):
-            raise NotFound(f"product {pid} not found")
-        return view_model(ProductView, data, key)
+        return self._run(self._product(product_id))
 
     def list_products(
         self, *, sort: str = "name", limit: int = 20, cursor: str | None = None
     ) -> Page[ProductView]:
-        return _retry_on_switch(lambda: self._list_products(sort, limit, cursor))
-
-    def _list_products(self, sort: str, limit: int, cursor: str | None) -> Page[ProductView]:
-        if sort not in ("name", "price"):
-            raise BadCursor(f"unknown sort {sort!r} (name or price)")
-        limit = max(1, min(limit, MAX_LIMIT))
-        start = f"({decode_cursor(cursor, _SEP)}" if cursor else "-"
-
-        def page(v: ViewKeys) -> list[tuple[Any, ...]]:
-            index = v.products_by_name() if sort == "name" else v.products_by_price()
-            return [("ZRANGEBYLEX", index, start, "+", "LIMIT", 0, limit + 1)]
-
-        [members] = self._read("products", page)
-        return self._product_page(members, limit)
-
-    def _product_page(self, members: list[str], limit: int) -> Page[ProductView]:
-        views = self.keys.views("products", self._generations.get("products", 1))
-        shown = members[:limit]
-        keys = [views.product(m.rsplit(_SEP, 1)[-1]) for m in shown]
-        items = [
-            view_model(ProductView, data, key)
-            for key, data in zip(keys, self._hashes("products", keys), strict=True)
-            if data.get("version")
-        ]
-        more = len(members) > limit
-        return Page[ProductView](
-            items=items, next_cursor=encode_cursor(shown[-1]) if more else None
-        )
+        return self._run(self._product_list(sort, limit, cursor))
 
     def top_products(self, *, limit: int = 10) -> list[ProductView]:
-        return _retry_on_switch(lambda: self._top_products(limit))
-
-    def _top_products(self, limit: int) -> list[ProductView]:
-        limit = max(1, min(limit, MAX_LIMIT))
-        [ids] = self._read("products", lambda v: [("ZREVRANGE", v.top_products(), 0, limit - 1)])
-        views = self.keys.views("products", self._generations.get("products", 1))
-        keys = [views.product(i) for i in ids]
-        return [
-            view_model(ProductView, data, key)
-            for key, data in zip(keys, self._hashes("products", keys), strict=True)
-            if data.get("version")
-        ]
-
-    # --- customers and orders ----------------------------------------------------------
+        return self._run(self._top_products(limit))
 
     def get_customer(self, customer_id: UUID | str) -> CustomerView:
-        cid = view_id(customer_id, "customer")
-        key, data = self._view("customers", lambda v: v.customer(cid))
-        if not data.get("version"):
-            raise NotFound(f"customer {cid} not found")
-        return view_model(CustomerView, data, key)
+        return self._run(self._customer(customer_id))
 
     def get_order(self, order_id: UUID | str) -> OrderView:
-        oid = view_id(order_id, "order")
-        key, data = self._view("orders", lambda v: v.order(oid))
-        if not data.get("version"):
-            raise NotFound(f"order {oid} not found")
-        return order_view(data, key)
+        return self._run(self._order(order_id))
 
     def customer_orders(
         self, customer_id: UUID | str, *, limit: int = 20, cursor: str | None = None
     ) -> Page[OrderView]:
         """Newest first. Unknown customer: NotFound (its view is checked in the same trip)."""
-        return _retry_on_switch(lambda: self._customer_orders(customer_id, limit, cursor))
-
-    def _customer_orders(
-        self, customer_id: UUID | str, limit: int, cursor: str | None
-    ) -> Page[OrderView]:
-        cid = view_id(customer_id, "customer")
-        limit = max(1, min(limit, MAX_LIMIT))
-        start = f"({decode_cursor(cursor, ':')}" if cursor else "+"
-
-        def page(v: ViewKeys) -> list[tuple[Any, ...]]:
-            return [
-                ("EXISTS", v.order_customer(cid)),
-                ("ZREVRANGEBYLEX", v.customer_orders(cid), start, "-", "LIMIT", 0, limit + 1),
-            ]
-
-        known, members = self._read("orders", page)
-        if not known and not members:
-            raise NotFound(f"customer {cid} not found")
-        views = self.keys.views("orders", self._generations.get("orders", 1))
-        shown = members[:limit]
-        keys = [views.order(m.rsplit(":", 1)[-1]) for m in shown]
-        items = [
-            order_view(data, key)
-            for key, data in zip(keys, self._hashes("orders", keys), strict=True)
-            if data.get("version")
-        ]
-        more = len(members) > limit
-        return Page[OrderView](items=items, next_cursor=encode_cursor(shown[-1]) if more else None)
-
-    # --- read-your-writes --------------------------------------------------------------
-
-    def _marks(self, versions: list[AggregateVersion]) -> list[tuple[str, str, str, int]]:
-        pipe = self.redis.pipeline(transaction=False)
-        for projection in PROJECTIONS:
-            pipe.get(self.keys.generation(projection))
-        generations = {p: int(g or 1) for p, g in zip(PROJECTIONS, pipe.execute(), strict=True)}
-        marks = []
-        for projection in PROJECTIONS:
-            for v in versions:
-                mark = self.keys.applied_marks(
-                    projection,
-                    generations[projection],
-                    v.aggregate_type,
-                    v.aggregate_id,
-                    v.partition_key,
-                )
-                if mark:
-                    marks.append((projection, mark[0], mark[1], v.version))
-        return marks
+        return self._run(self._customer_orders(customer_id, limit, cursor))
 
     def behind(self, token: str) -> list[str]:
         """What the projections have not applied yet of the write behind `token`."""
-        marks = self._marks(decode_token(token))
-        pipe = self.redis.pipeline(transaction=False)
-        for _, key, field, _ in marks:
-            pipe.hget(key, field)
-        missing = []
-        for (projection, key, _field, wanted), got in zip(marks, pipe.execute(), strict=True):
-            if int(got or 0) < wanted:
-                missing.append(f"{projection} at version {int(got or 0)} of {wanted} ({key})")
-        return missing
+        return self._run(self._behind(token))
 
     def wait_for(self, token: str, *, timeout: float = 5.0) -> None:
         """Return once every projection reflects the write behind `token`.
 
         Waiting is driven by the projector's notifications (pub/sub on the applied
         channel), not by a sleep loop: subscribe first, then check, then wait for the next
-        notification, so an apply between the check and the wait is never missed.
+        notification, so an apply between the check and the wait is never missed. This
+        is the one-shot caller's wait (a connection of its own); the HTTP server shares
+        one subscription among all its waiters (`queries.waiters`).
         """
         decode_token(token)  # a bad token fails before we subscribe
         deadline = time.monotonic() + timeout
@@ -381,21 +474,10 @@ class QueryService:
                 pubsub.get_message(timeout=min(remaining, 1.0))
         finally:
             pubsub.close()
-        lags = self.lag()
-        summary = ", ".join(f"{p} lag {v['lag']} pending {v['pending']}" for p, v in lags.items())
-        raise NotCaughtUp(
-            f"views did not reflect the write within {timeout:g}s: {missing[0]}; {summary}"
-        )
+        raise not_caught_up(timeout, missing, lag_summary(self.lag()))
 
     def rebuilding(self) -> set[str]:
-        """Projections being rebuilt (a replay holds their lock) or with no views at all
-        (not built yet, or Redis lost its data and the workers are rebuilding them)."""
-        pipe = self.redis.pipeline(transaction=False)
-        for projection in PROJECTIONS:
-            pipe.exists(self.keys.replay_lock(projection))
-            pipe.exists(self.keys.generation(projection))
-        results = pipe.execute()
-        return {p for i, p in enumerate(PROJECTIONS) if results[2 * i] or not results[2 * i + 1]}
+        return self._run(self._rebuilding())
 
     def lag(self) -> dict[str, dict[str, int]]:
         partitions = int(self.redis.hget(self.keys.meta(), "partitions") or self.partitions)

@@ -153,7 +153,8 @@ def test_cli_queries_print_json_with_view_field_names(settings: Settings, wiring
     page = run_cli_json("query", "products", "--sort", "price", "--limit", "2", env=env)
     assert len(page["items"]) == 2 and page["next_cursor"]
     top = run_cli_json("query", "top-products", "--limit", "1", env=env)
-    assert top[0]["id"] == str(products[2])
+    assert set(top) == {"items", "next_cursor"} and top["next_cursor"] is None
+    assert [p["id"] for p in top["items"]] == [str(products[2])]
     assert run_cli_json("query", "customer", str(customer), env=env)["order_count"] == 3
     assert len(run_cli_json("query", "customer-orders", str(customer), env=env)["items"]) == 3
     missing = run_cli("query", "product", "00000000-0000-0000-0000-000000000000", env=env)
