@@ -16,7 +16,12 @@ projector/ does not import commands/.
 
 States:
 - "rebuilding": a replay holds the projection's lock or paused it, or it has no valid
-  views yet (never built, version bumped, or Redis lost its data);
+  views yet (never built, version bumped, or Redis lost its data), which a worker builds;
+- "broken": the views are recorded as built (`<ns>:state:<projection>`), but the key
+  queries read the live generation from (`<ns>:gen:<projection>`) is missing or names
+  another generation. Workers go on writing the recorded generation, queries read the
+  other one, and nothing repairs this on its own (an evicted key, or a switch that died
+  between its two writes): the reason says which and what to run;
 - "caught up": nothing undelivered and nothing pending;
 - "stalled": work is waiting and no worker heartbeat is fresher than
   `CQRS_STALL_SECONDS`, or nothing was applied for that long while the oldest waiting
@@ -42,6 +47,7 @@ from cqrs.urls import libpq_url, mask_url
 from projector.projection import Projection
 
 CAUGHT_UP, BEHIND, REBUILDING, STALLED = "caught up", "behind", "rebuilding", "stalled"
+BROKEN = "broken"
 
 
 @dataclass
@@ -115,6 +121,8 @@ class SystemStatus:
         """Why a health check with these thresholds fails; empty when it passes."""
         found: list[str] = []
         for p in self.projections:
+            if p.state == BROKEN and (max_lag is not None or max_age is not None):
+                found.append(f"{p.name}: {p.reason}")
             if max_lag is not None and p.unapplied > max_lag:
                 found.append(
                     f"{p.name}: {p.unapplied} entries not applied "
@@ -159,11 +167,11 @@ def projection_status(
     pipe.get(keys.generation(name))
     pipe.hgetall(keys.projection_state(name))
     pipe.exists(keys.replay_lock(name))
-    pipe.exists(keys.pause(name))
+    pipe.pttl(keys.pause(name))
     pipe.zrange(keys.workers(name), 0, -1, withscores=True)
     pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.progress(name))
-    server_time, generation, state, replaying, paused, beats, dead, progress = pipe.execute()
+    server_time, generation, state, replaying, pause_ms, beats, dead, progress = pipe.execute()
     local_ms = time.time() * 1000  # heartbeats and progress carry the workers' clocks
     redis_ms = server_time[0] * 1000 + server_time[1] / 1000  # entry ids carry Redis's
 
@@ -196,31 +204,42 @@ def projection_status(
     progress_age = _age(local_ms, at_ms)
     unapplied_age = _age(redis_ms, oldest_unapplied)
     recorded_version = int(state["version"]) if state.get("version") else None
-    valid = bool(state.get("generation")) and recorded_version == projection.version
 
-    reason = ""
-    if replaying or paused:
-        status, reason = REBUILDING, "a replay is building a new generation"
-    elif not valid or not int(generation or 0):
-        status = REBUILDING
-        reason = (
-            "no views yet (never built, or Redis lost its data)"
-            if not state.get("generation")
-            else f"views built by version {recorded_version}, code is {projection.version}"
-        )
-    elif lag == 0 and pending == 0:
+    status, reason = _setup_state(
+        keys,
+        projection,
+        served=int(generation or 0),
+        recorded=int(state["generation"]) if state.get("generation") else 0,
+        recorded_version=recorded_version,
+        replaying=bool(replaying),
+        pause_ms=int(pause_ms),
+    )
+    # Rebuilding or broken (`status` set): lag and stalls say nothing more about it.
+    if not status and lag == 0 and pending == 0:
         status = CAUGHT_UP
-    else:
+    elif not status:
         quiet = min(
             progress_age if progress_age is not None else math.inf,
             unapplied_age if unapplied_age is not None else math.inf,
         )
         if not fresh:
-            status, reason = STALLED, f"no worker heartbeat for {settings.stall_seconds:g}s"
+            status = STALLED
+            reason = (
+                f"work is waiting and no worker heartbeat in the last {settings.stall_seconds:g}s"
+            )
         elif quiet * 1000 > stall_ms:
-            status, reason = STALLED, f"nothing applied for {settings.stall_seconds:g}s"
+            status = STALLED
+            reason = (
+                f"work is waiting and nothing was applied for over {settings.stall_seconds:g}s"
+                f" although {len(fresh)} worker(s) heartbeat"
+            )
         else:
             status = BEHIND
+    if recorded_version is not None and recorded_version > projection.version and not reason:
+        reason = (
+            f"views built by a newer release (version {recorded_version}; this code is "
+            f"version {projection.version}): workers of this release leave them alone"
+        )
     return ProjectionStatus(
         name=name,
         state=status,
@@ -239,6 +258,75 @@ def projection_status(
         consumers=shown,
         partitions=[PartitionStatus(r.partition, r.length, r.lag, r.pending) for r in rows],
         reason=reason,
+    )
+
+
+def _setup_state(
+    keys: KeyMap,
+    projection: Projection,
+    *,
+    served: int,
+    recorded: int,
+    recorded_version: int | None,
+    replaying: bool,
+    pause_ms: int,
+) -> tuple[str, str]:
+    """("rebuilding" or "broken", why) when the projection's views are not in their live
+    state, else ("", ""). Each reason says what is missing and what will happen, as the
+    worker (`projector.worker.Worker._apply_status`) and the replay actually behave.
+
+    `served`: the generation queries read (`<ns>:gen:<projection>`, 0 when missing);
+    `recorded`: the generation the state hash records, which live workers write (0: none);
+    `pause_ms`: PTTL of the pause flag (negative when absent)."""
+    name, code = projection.name, projection.version
+    gen_key, state_key = keys.generation(name), keys.projection_state(name)
+    if replaying:
+        serving = (
+            f"generation {served} keeps serving meanwhile"
+            if served and served == recorded
+            else "no views are served until it switches"
+        )
+        if pause_ms >= 0:
+            return REBUILDING, (
+                "a replay is switching to its new generation (live workers stepped aside)"
+            )
+        return REBUILDING, f"a replay is building a new generation; {serving}"
+    if pause_ms >= 0:
+        return REBUILDING, (
+            "paused for a generation switch, but no replay holds the lock (it stopped): "
+            f"the pause expires within {pause_ms / 1000:.1f}s and workers resume"
+        )
+    if not recorded:
+        left = f"; queries still read generation {served} ({gen_key}) until then" if served else ""
+        return REBUILDING, (
+            f"no views recorded ({state_key} is missing: never built, or Redis lost it): "
+            f"a worker started with a database builds them from history{left}"
+        )
+    if recorded_version is not None and recorded_version < code:
+        return REBUILDING, (
+            f"views built by version {recorded_version}, the code is version {code}: a "
+            "worker rebuilds them from history; the old views serve, without new events, "
+            "until the switch"
+        )
+    if recorded_version is None:
+        return REBUILDING, (
+            f"{state_key} records generation {recorded} but no version: a worker rebuilds "
+            "the views from history"
+        )
+    if served == recorded:
+        return "", ""
+    remedy = (
+        f"nothing restores it on its own: `cqrs replay {name}` rebuilds the views and "
+        "writes it again"
+    )
+    if not served:
+        return BROKEN, (
+            f"no live generation: {gen_key} is missing, so queries find no views, while "
+            f"workers keep generation {recorded} ({state_key}) up to date; {remedy}"
+        )
+    return BROKEN, (
+        f"queries read generation {served} ({gen_key}) but workers write generation "
+        f"{recorded} ({state_key}); {remedy}"
     )
 
 
@@ -357,6 +445,12 @@ def projection_gauges(
                 "cqrs_projection_workers", "Workers with a fresh heartbeat", p.live_workers, labels
             ),
             Gauge("cqrs_projection_stalled", "1 when stalled", float(p.state == STALLED), labels),
+            Gauge(
+                "cqrs_projection_broken",
+                "1 when queries cannot find the views workers keep (see cqrs status)",
+                float(p.state == BROKEN),
+                labels,
+            ),
             Gauge(
                 "cqrs_projection_rebuilding",
                 "1 when rebuilding",
