@@ -9,7 +9,9 @@ from __future__ import annotations
 import logging
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from typing import Any
 
 import psycopg
 import redis
@@ -24,10 +26,17 @@ from commands.handlers import execute
 from commands.migrations import LATEST_VERSION, current_version, upgrade
 from commands.relay import Relay
 from commands.results import CommandResult
-from cqrs.cli import fail_unreachable, load_settings, metrics_port_option, start_metrics_or_fail
+from cqrs.cli import (
+    fail_unreachable,
+    load_settings,
+    metrics_port_option,
+    partition_takes_at_debug,
+    start_metrics_or_fail,
+)
 from cqrs.console import EXIT_USAGE, fail, out, print_json, validation_message
 from cqrs.logs import configure_logging
 from cqrs.metrics import Gauge
+from cqrs.settings import Settings
 from cqrs.signals import install_stop_handlers
 from cqrs.urls import mask_url
 from cqrs.wiring import Wiring
@@ -299,11 +308,71 @@ def relay_command(
         wiring.close()
 
 
+@dataclass
+class DrainReport:
+    """What `cqrs run --drain` did, counted exactly: events published by the relay, views
+    built from history (events read per projection, each event once), and the live
+    deliveries after that (one per event and projection that handles it)."""
+
+    published: int = 0
+    built: dict[str, dict[str, Any]] = field(default_factory=dict)
+    applied: int = 0
+    duplicates: int = 0
+    dead_lettered: int = 0
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "published": self.published,
+            "built": self.built,
+            "deliveries": {
+                "applied": self.applied,
+                "already_applied": self.duplicates,
+                "dead_lettered": self.dead_lettered,
+            },
+        }
+
+    def lines(self) -> list[str]:
+        built = [
+            f"{name}: views built from the {b['source']}, {b['events']} event(s)"
+            for name, b in self.built.items()
+        ]
+        return [
+            f"published {self.published} event(s) to the streams",
+            *built,
+            f"live deliveries (one per event and projection handling it): {self.applied} "
+            f"applied, {self.duplicates} already applied, {self.dead_lettered} dead-lettered",
+        ]
+
+
+def build_missing_views(worker: Any, wiring: Wiring, stop: threading.Event) -> dict[str, Any]:
+    """Build, from history, the projections that have no valid views, and say how many
+    events each build read. The worker would build them too, but only logs the counts; a
+    build that fails here is left to the worker, which retries it."""
+    from projector.replay import AlreadyBuilt, Replayer, ReplayError
+
+    built: dict[str, Any] = {}
+    worker.refresh_status()
+    for projection in worker.projections:
+        if projection.name not in worker.needs_build or stop.is_set():
+            continue
+        replayer = Replayer(wiring.redis, wiring.settings, projection, wiring.database_url)
+        try:
+            result = replayer.run("auto", stop=stop, only_if_invalid=True)
+        except (AlreadyBuilt, ReplayError, psycopg.OperationalError):
+            continue
+        built[projection.name] = {"source": result.source, "events": result.events}
+    worker.refresh_status()
+    return built
+
+
 def run_command_(
     drain: bool = typer.Option(
         False, "--drain", help="Relay and project everything pending, then exit 0."
     ),
     metrics_port: int = metrics_port_option(),
+    json_output: bool = typer.Option(
+        False, "--json", help="With --drain: print the counts as one JSON object."
+    ),
 ) -> None:
     """Run the relay and every projection in one process (development, demos, scripts)."""
     from projector.cli import add_projection_gauges
@@ -325,14 +394,32 @@ def run_command_(
             relay.metrics = worker.metrics = metrics
             metrics.add_gauges(lambda: outbox_gauges(relay))
             add_projection_gauges(metrics, wiring, list(PROJECTIONS.values()))
+        partition_takes_at_debug()
+        log.info(
+            "running the relay and %d projections (%s) over %d partitions as consumer %s",
+            len(PROJECTIONS),
+            ", ".join(PROJECTIONS),
+            worker.partitions,
+            worker.consumer,
+            extra={"consumer": worker.consumer},
+        )
         if drain:
+            report = DrainReport()
             # Relay, project to the end, and go round again if writers added more meanwhile.
-            while relay.drain() or not worker.caught_up():
+            while (published := relay.drain()) or not worker.caught_up():
+                report.published += published
+                report.built.update(build_missing_views(worker, wiring, stop))
                 worker.run(stop, drain=True)
                 if stop.is_set():
                     break
             stats = worker.stats
-            out.print(f"drained: {stats.applied} applied, {stats.dead_lettered} dead-lettered")
+            report.applied, report.duplicates = stats.applied, stats.duplicates
+            report.dead_lettered = stats.dead_lettered
+            if json_output:
+                print_json(report.as_json())
+            else:
+                for line in report.lines():
+                    out.print(line)
             return
         relay_thread = threading.Thread(target=relay.run, args=(stop,), name="relay", daemon=True)
         relay_thread.start()
@@ -342,11 +429,48 @@ def run_command_(
         wiring.close()
 
 
-def demo_command() -> None:
-    """Seed a small shop, project it, and show the views (embedded servers by default)."""
-    from commands.demo import run_demo
+def _is_embedded_database(settings: Settings) -> bool:
+    """True when the database is the embedded one: no URL set, or the URL the embedded
+    server answers on (as `cqrs up` printed it)."""
+    if settings.database_url is None:
+        return True
+    from cqrs.embedded import status
 
-    wiring = Wiring(load_settings())
+    try:
+        embedded = status(settings.home).get("postgres")
+    except Exception:  # an unreadable state file: not provably ours
+        return False
+    url = embedded.get("url") if isinstance(embedded, dict) else None
+    return bool(url) and mask_url(str(url)) == mask_url(settings.database_url)
+
+
+def demo_command(
+    yes: bool = typer.Option(
+        False,
+        "--yes",
+        "-y",
+        help="Write the demo data without asking, even to a database that is not the embedded one.",
+    ),
+) -> None:
+    """Seed a small shop, project it, and show the views (embedded servers by default)."""
+    import sys
+
+    from commands.demo import DEMO_SIZE, run_demo
+
+    settings = load_settings()
+    if not yes and not _is_embedded_database(settings):
+        # Demo rows in someone's real database are hard to take back: ask, and never hang
+        # waiting for an answer nobody can type.
+        target = mask_url(settings.database_url or "")
+        if not sys.stdin.isatty():
+            fail(
+                f"demo would write {DEMO_SIZE} to {target} (not the embedded database); "
+                "pass --yes to do it non-interactively",
+                EXIT_USAGE,
+            )
+        if not typer.confirm(f"Write demo data ({DEMO_SIZE}) to {target}?", err=True):
+            fail("demo not run; nothing written")
+    wiring = Wiring(settings)
     try:
         run_demo(wiring)
     except OperationalError as exc:

@@ -139,7 +139,7 @@ class Settings(BaseSettings):
         "subscription share them)",
     )
     http_redis_pool_timeout: float = Field(
-        default=2.0,
+        default=5.0,
         gt=0,
         description="seconds a `cqrs serve` request waits for a free Redis connection "
         "before 503 busy with Retry-After",

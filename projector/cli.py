@@ -5,11 +5,16 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any
+from typing import Any, Literal
 
 import typer
 
-from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
+from cqrs.cli import (
+    load_settings,
+    metrics_port_option,
+    start_metrics_or_fail,
+    unreachable_message,
+)
 from cqrs.console import EXIT_USAGE, fail, out, print_json
 from cqrs.logs import configure_logging
 from cqrs.signals import install_stop_handlers
@@ -41,7 +46,9 @@ def select_projections(names: list[str] | None) -> list[Projection]:
 
 
 def project_command(
-    projection: list[str] = typer.Option(None, "--projection", help="Run only these (repeatable)."),
+    projection: list[str] = typer.Option(
+        None, "--projection", "-p", help="Run only these (repeatable)."
+    ),
     consumer: str = typer.Option(
         None, "--consumer", help="Consumer name (default host-pid-random)."
     ),
@@ -124,25 +131,49 @@ def _letters(wiring: Wiring, projection: str, ids: list[str], all_: bool) -> lis
 
 @dlq_app.command("list")
 def dlq_list(
-    projection: str = PROJECTION_OPTION,
-    json_output: bool = typer.Option(False, "--json"),
+    projection: list[str] = typer.Option(
+        None,
+        "--projection",
+        "-p",
+        help="Only this projection (repeatable; default: every projection).",
+    ),
+    json_output: bool = typer.Option(
+        False, "--json", help='One JSON object: {"items": [...], "next_cursor": null}.'
+    ),
 ) -> None:
-    """Dead letters of a projection, oldest first."""
-    select_projections([projection])
+    """Dead letters, projection by projection, oldest first."""
+    from rich.text import Text
+
+    from cqrs.console import table
+
+    chosen = select_projections(projection)
     wiring = Wiring(load_settings())
     try:
-        letters = list_dead_letters(wiring.redis, wiring.keys, projection)
+        letters = [d for p in chosen for d in list_dead_letters(wiring.redis, wiring.keys, p.name)]
     finally:
         wiring.close()
     if json_output:
-        print_json([d.as_json() for d in letters])
+        # The shape of every list we print (HTTP and `query` lists too); all of them fit
+        # in one page today, so there is never a next cursor.
+        print_json({"items": [d.as_json() for d in letters], "next_cursor": None})
         return
-    for d in letters:
-        out.print(
-            f"{d.id}  {d.fields.get('type', '?')}  deliveries={d.deliveries}  {d.error}",
-            markup=False,
-        )
-    out.print(f"{len(letters)} dead letter(s) in {projection}")
+    if letters:
+        rows = table(
+            None,
+            [("projection", False), ("id", False), ("type", False), ("deliveries", True),
+             ("error", False)],
+        )  # fmt: skip
+        for d in letters:
+            rows.add_row(
+                d.projection,
+                d.id,
+                Text(d.fields.get("type", "?")),
+                str(d.deliveries),
+                Text(d.error),
+            )
+        out.print(rows)
+    where = chosen[0].name if len(chosen) == 1 else f"{len(chosen)} projections"
+    out.print(f"{len(letters)} dead letter(s) in {where}")
 
 
 @dlq_app.command("show")
@@ -219,11 +250,20 @@ def dlq_drop(
 
 
 def replay_command(
-    projections: list[str] = typer.Argument(None, metavar="[PROJECTION]..."),
+    projections: list[str] = typer.Argument(
+        None, metavar="PROJECTION", help="Projections to rebuild (or --all)."
+    ),
     all_: bool = typer.Option(False, "--all", help="Replay every projection."),
-    source: str = typer.Option("auto", "--from", help="auto, stream or log."),
+    source: Literal["auto", "stream", "log"] = typer.Option(
+        "auto",
+        "--from",
+        help="History to rebuild from: the streams when they still hold everything (auto), "
+        "the streams, or the PostgreSQL event log.",
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
-    json_output: bool = typer.Option(False, "--json", help="Print a JSON summary."),
+    json_output: bool = typer.Option(
+        False, "--json", help='One JSON object: {"replays": [one summary per projection]}.'
+    ),
 ) -> None:
     """Rebuild views from history into a new generation while the current one keeps
     serving, then switch atomically (see docs/operations.md)."""
@@ -241,8 +281,6 @@ def replay_command(
 
     from projector.replay import Replayer, ReplayError, ReplayInterrupted
 
-    if source not in ("auto", "stream", "log"):
-        fail(f"invalid --from {source!r}: use auto, stream or log", EXIT_USAGE)
     if all_ == bool(projections):
         fail("name projections to replay, or pass --all (not both)", EXIT_USAGE)
     chosen = select_projections(None if all_ else projections)
@@ -274,12 +312,21 @@ def replay_command(
             ) as progress:
                 task = progress.add_task(projection.name, total=None, rate="-")
                 started = time.monotonic()
+                known = [0]  # the log's size once known; the streams part reports no total
 
                 def report(
-                    done: int, total: int, task: int = task, started: float = started
+                    done: int,
+                    total: int,
+                    task: int = task,
+                    started: float = started,
+                    known: list[int] = known,
                 ) -> None:
+                    known[0] = total or known[0]
                     rate = done / max(time.monotonic() - started, 1e-6)
-                    progress.update(task, completed=done, total=total or None, rate=f"{rate:,.0f}")
+                    # Events committed after the log's snapshot arrive through the streams:
+                    # the total grows with them, it is never exceeded.
+                    whole = max(known[0], done) if known[0] else None
+                    progress.update(task, completed=done, total=whole, rate=f"{rate:,.0f}")
 
                 try:
                     result = replayer.run(source, progress=report, stop=stop)
@@ -300,7 +347,7 @@ def replay_command(
     finally:
         wiring.close()
     if json_output:
-        print_json(summaries[0] if len(summaries) == 1 else {"replays": summaries})
+        print_json({"replays": summaries})
 
 
 def status_command(
@@ -318,8 +365,8 @@ def status_command(
         min=0,
         help="Exit 1 when the oldest unapplied entry or unpublished event is older (seconds).",
     ),
-    only: str = typer.Option(
-        None, "--only", help="Check only 'projections' or only the 'relay' (default both)."
+    only: Literal["projections", "relay"] | None = typer.Option(
+        None, "--only", help="Check only the projections or only the relay (default: both)."
     ),
     projection: list[str] = typer.Option(
         None, "--projection", "-p", help="Only these projections (repeatable)."
@@ -332,8 +379,6 @@ def status_command(
 
     from projector.status import collect_status
 
-    if only not in (None, "projections", "relay"):
-        fail(f"invalid --only {only!r}: use projections or relay", EXIT_USAGE)
     chosen = [] if only == "relay" else select_projections(projection)
     wiring = Wiring(load_settings())
 
@@ -355,7 +400,7 @@ def status_command(
         except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError) as exc:
             fail(f"cannot reach Redis at {wiring.redis_url}: {exc}")
         except redis.ResponseError as exc:
-            fail(f"Redis refused a status query: {exc}")
+            fail(unreachable_message(exc) or f"Redis refused a status query: {exc}")
     finally:
         wiring.close()
     problems = report.violations(max_lag, max_age)
@@ -415,12 +460,10 @@ def render_status(report: Any, problems: list[str]) -> Any:
     from rich.table import Table
     from rich.text import Text
 
+    from cqrs.console import table as new_table
+
     def table(title: str, columns: tuple[str, ...]) -> Table:
-        t = Table(title=title, title_justify="left")
-        for column in columns:
-            numeric = column in _NUMERIC
-            t.add_column(column, justify="right" if numeric else "left", no_wrap=not numeric)
-        return t
+        return new_table(title, [(column, column in _NUMERIC) for column in columns])
 
     parts: list[Any] = []
     if report.projections:

@@ -91,6 +91,9 @@ class Health(BaseModel):
     status: Literal["ok", "rebuilding", "unavailable"]
     redis: str
     projections: dict[str, ProjectionHealth] = Field(default_factory=dict)
+    waiters: int = Field(
+        default=0, description="`?after=` waits this process holds now (CQRS_HTTP_MAX_WAITERS)"
+    )
 
 
 # --- bodies, ETags, errors -------------------------------------------------------------
@@ -290,7 +293,11 @@ async def health(state: ServerState) -> tuple[int, Health]:
         rebuilding = await state.views.rebuilding()
         lags = await state.lag.read()
     except (redis.ConnectionError, redis.TimeoutError) as exc:
-        return 503, Health(status="unavailable", redis=mask_url(f"unreachable: {exc}"))
+        return 503, Health(
+            status="unavailable",
+            redis=mask_url(f"unreachable: {exc}"),
+            waiters=state.waiters.waiting,
+        )
     # Still 200 while rebuilding: a manual replay keeps the live generation serving; after
     # Redis lost its data, reads answer 404 until the rebuild switches, and this says why.
     status: Literal["ok", "rebuilding", "unavailable"] = "rebuilding" if rebuilding else "ok"
@@ -301,6 +308,7 @@ async def health(state: ServerState) -> tuple[int, Health]:
             name: ProjectionHealth(**numbers, rebuilding=name in rebuilding)
             for name, numbers in lags.items()
         },
+        waiters=state.waiters.waiting,
     )
 
 
@@ -484,7 +492,10 @@ def bind_listener(host: str, port: int) -> socket.socket:
     """The listening socket, bound before uvicorn starts: a busy port is then an OSError
     for the caller to report in one line (uvicorn itself logs it and exits 3)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on accepted sockets whose
+    # proto says TCP, and with proto 0 every response waited ~40 ms for a delayed ACK
+    # (Nagle), 22 requests a second on one connection.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
         sock.bind((host, port))

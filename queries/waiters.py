@@ -14,9 +14,10 @@ Why nothing can strand a waiter:
 - a message lost anyway (the subscription dropped, Redis restarted, the listener is
   still connecting) costs at most `RECHECK_SECONDS`: every waiter re-checks on that
   interval whatever happens, and the listener wakes everyone when it (re)subscribes;
-- the client's `timeout` is a deadline: checks still running at it get `CHECK_GRACE`
-  seconds, then the waiter answers `NotCaughtUp`, quoting a lag read at most a second
-  old (`BlockingLag.recent`, shared by every waiter timing out at once).
+- the client's `timeout` is a deadline: no re-check starts at it unless a notification
+  came, a check still running gets `CHECK_GRACE` seconds, then the waiter answers
+  `NotCaughtUp`, quoting a lag read at most a second old (`BlockingLag.recent`, shared
+  by every waiter timing out at once, itself given at most `SUMMARY_SECONDS`).
 
 A projector under load publishes after every batch; wake-ups are coalesced to at most
 one per `MIN_WAKE_INTERVAL` (the first one of a quiet period is immediate) so that a
@@ -38,8 +39,8 @@ from queries.service import lag_summary, not_caught_up
 log = logging.getLogger(__name__)
 
 RECHECK_SECONDS = 1.0
-CHECK_GRACE = 0.5
-SUMMARY_SECONDS = 0.4
+CHECK_GRACE = 0.25
+SUMMARY_SECONDS = 0.25
 MIN_WAKE_INTERVAL = 0.01
 LISTEN_SECONDS = 5.0
 MAX_BACKOFF = 5.0
@@ -93,9 +94,14 @@ class AppliedWaiters:
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
-                with contextlib.suppress(TimeoutError):
+                try:
                     async with asyncio.timeout(min(remaining, RECHECK_SECONDS)):
                         await woken.wait()
+                except TimeoutError:
+                    # No notification: re-check (the net for a lost one), except at the
+                    # deadline itself, where a check could only make the answer late.
+                    if remaining <= RECHECK_SECONDS:
+                        break
         finally:
             self.waiting -= 1
         raise not_caught_up(timeout, missing, await self._summary())

@@ -1,16 +1,11 @@
 """The HTTP query API, served by a real `cqrs serve` subprocess on 127.0.0.1.
 
 Data comes from the real command handlers and the real projector; the client is httpx.
-Each test gets its own server (the namespace is per test); the server is started before
-the test builds its data and only waited for at the first request, so its start-up overlaps
-the writes.
+Each test gets its own server (the namespace is per test; see http_support).
 """
 
 from __future__ import annotations
 
-import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -26,98 +21,18 @@ from commands.customers import RegisterCustomer, RenameCustomer
 from commands.orders import PlaceOrder
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from tests.conftest import settings_env
 from tests.helpers import wait_until
+from tests.integration.http_support import ApiServer, api_servers
 from tests.integration.projector_support import drain, relay_all, run
 
 CLOSED_DB = "postgresql://nobody@127.0.0.1:1/none"
 CLOSED_REDIS = "redis://127.0.0.1:1/0"
 MISSING = "00000000-0000-0000-0000-000000000000"
-START_TIMEOUT = 60.0  # a cold interpreter importing FastAPI on a busy CI machine
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class ApiServer:
-    """`cqrs serve` in a subprocess; `get` waits (with a deadline) for it on first use."""
-
-    def __init__(self, env: dict[str, str], log: Path) -> None:
-        self.env, self.log_path = env, log
-        self._ready = False
-        self._start()
-
-    def _start(self) -> None:
-        self.port = _free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        self._log = self.log_path.open("ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cqrs.cli", "serve", "--port", str(self.port)],
-            env=self.env,
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self.client = httpx.Client(base_url=self.url, timeout=45.0, trust_env=False)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def _answers(self) -> bool:
-        if self.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            self.client.get("/healthz", timeout=2.0)  # 200 or 503: either way it serves
-            return True
-        except httpx.TransportError:
-            return False
-
-    def wait_ready(self) -> None:
-        if self._ready:
-            return
-        for _attempt in range(3):
-            try:
-                wait_until(self._answers, timeout=START_TIMEOUT, what=f"{self.url}/healthz")
-                self._ready = True
-                return
-            except RuntimeError:
-                if "address already in use" not in self.log().lower():
-                    raise
-                self.close()  # someone took the port between probe and bind: new port
-                self._start()
-        raise RuntimeError(f"server never bound a free port:\n{self.log()}")
-
-    def get(self, path: str, **kwargs: Any) -> httpx.Response:
-        self.wait_ready()
-        return self.client.get(path, **kwargs)
-
-    def close(self) -> None:
-        self.client.close()
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=15)
-        self._log.close()
 
 
 @pytest.fixture
 def start_api(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., ApiServer]]:
-    servers: list[ApiServer] = []
-
-    def start(**overrides: str) -> ApiServer:
-        env = settings_env(settings) | overrides
-        server = ApiServer(env, tmp_path / f"server-{len(servers)}.log")
-        servers.append(server)
-        return server
-
-    yield start
-    for server in servers:
-        server.close()
+    yield from api_servers(settings, tmp_path)
 
 
 @pytest.fixture
@@ -243,6 +158,15 @@ def test_errors_are_json_with_one_shape(api: ApiServer, wiring: Wiring) -> None:
         "invalid cursor"
     )
     _error(api.get(f"/customers/{customer}/orders", params={"cursor": "@@"}), 400, "bad_request")
+    by_name = _ok(api.get("/products", params={"sort": "name", "limit": 1}))
+    other_sort = {"sort": "price", "cursor": by_name["next_cursor"]}
+    detail = _error(api.get("/products", params=other_sort), 400, "bad_request")
+    assert detail == "cursor belongs to another sort"
+    orders_cursor = {"cursor": by_name["next_cursor"]}
+    detail = _error(
+        api.get(f"/customers/{customer}/orders", params=orders_cursor), 400, "bad_request"
+    )
+    assert detail == "invalid cursor"
     detail = _error(api.get("/products", params={"sort": "bogus"}), 400, "bad_request")
     assert "sort" in detail
     for params in ({"limit": 0}, {"limit": 501}, {"limit": "many"}):
@@ -425,15 +349,20 @@ def test_after_answers_once_a_later_worker_projects_the_write(
     waiter.start()
     channel = wiring.keys.applied_channel()
     try:
-        # The server is waiting once it listens for the projector's notifications.
+        # The server is waiting once it listens for the projector's notifications (its
+        # one subscription starts with the first waiter) and counts the waiter.
         wait_until(
-            lambda: wiring.redis.pubsub_numsub(channel)[0][1] >= 1,
+            lambda: (
+                wiring.redis.pubsub_numsub(channel)[0][1] >= 1
+                and api.get("/healthz").json()["waiters"] == 1
+            ),
             timeout=30,
             what="the server to wait on the applied channel",
         )
         assert not results, "answered before anything was projected"
-        # The wait holds a threadpool thread, not the event loop: others are still served.
-        assert _ok(api.get("/healthz", timeout=5.0))["status"] == "ok"
+        # The wait holds neither a thread nor the event loop: others are still served.
+        health = _ok(api.get("/healthz", timeout=5.0))
+        assert (health["status"], health["waiters"]) == ("ok", 1)
         assert not results
         worker = threading.Thread(target=drain, args=(wiring,))
         worker.start()
@@ -468,6 +397,7 @@ def test_healthz_reports_each_projections_lag(api: ApiServer, wiring: Wiring) ->
             name: {"lag": 0, "pending": 0, "rebuilding": False}
             for name in ("products", "customers", "orders")
         },
+        "waiters": 0,
     }
     writes = [
         run(wiring, CreateProduct(sku="H-L1", name="Later 1", price="1.00", stock=1)),
