@@ -42,18 +42,19 @@ def member_id(member: str) -> str:
     return member.rsplit(NAME_SEPARATOR, 1)[-1]
 
 
-def _steps(
-    event: EventHeader,
-    views: ViewKeys,
-    ops: list[tuple[str, str, Any]],
-    *,
-    name: bool = False,
-    price: bool = False,
-    top: bool = False,
-    creates: bool = False,
-) -> list[Step]:
-    """The gated write of `ops`, then the index upkeep of the fields this event can change:
-    `name` (by-name index), `price` (by-price index), `top` (units_sold score).
+# Which events recompute which index (each index's version record keeps, per product, the
+# version of the last such event applied: `cqrs verify` derives it from the event log with
+# these same sets), and the one event that may create a view.
+REINDEX_NAME = frozenset({"ProductCreated", "ProductRenamed"})
+REINDEX_PRICE = frozenset({"ProductCreated", "ProductRepriced"})
+REINDEX_TOP = frozenset({"ProductCreated", "StockReserved", "StockReleased"})
+CREATES = "ProductCreated"
+
+
+def _steps(event: EventHeader, views: ViewKeys, ops: list[tuple[str, str, Any]]) -> list[Step]:
+    """The gated write of `ops`, then the index upkeep of the fields this event type can
+    change: the by-name index (REINDEX_NAME), by-price (REINDEX_PRICE), the units_sold
+    score (REINDEX_TOP).
 
     An index is recomputed from the view only after an event that can change its field;
     the others (a stock change, a sale for the name and price indexes) leave it as it was,
@@ -64,10 +65,12 @@ def _steps(
     than the event it already reflects: a worker that stalled past its lease between the
     two rounds cannot put back a value another worker has since replaced.
 
-    Only `creates` (ProductCreated) may write a view that does not exist: any other event
-    for a missing view is a gap (its creation is missing), never a partial view. The index
-    upkeep runs only after the apply, so a gap leaves no index entry either.
+    Only CREATES may write a view that does not exist: any other event for a missing view
+    is a gap (its creation is missing), never a partial view. The index upkeep runs only
+    after the apply, so a gap leaves no index entry either.
     """
+    kind = event.event_type
+    name, price, top = kind in REINDEX_NAME, kind in REINDEX_PRICE, kind in REINDEX_TOP
     pid = str(event.aggregate_id)
     key = views.product(pid)
 
@@ -122,7 +125,7 @@ def _steps(
 
     returns = ("units_sold",) if top else ()
     then = after_apply if top or trackers else None
-    needs = () if creates else (NEED_GATE,)
+    needs = () if kind == CREATES else (NEED_GATE,)
     return [apply(key, key, "version", version, ops, returns, then, needs=needs)]
 
 
@@ -139,19 +142,15 @@ def on_created(event: EventHeader, p: ProductCreated, views: ViewKeys) -> list[S
             ("set", "units_sold", 0),
             ("set", "revenue", "0.00"),
         ],
-        name=True,
-        price=True,
-        top=True,
-        creates=True,
     )
 
 
 def on_renamed(event: EventHeader, p: ProductRenamed, views: ViewKeys) -> list[Step]:
-    return _steps(event, views, [("set", "name", p.name)], name=True)
+    return _steps(event, views, [("set", "name", p.name)])
 
 
 def on_repriced(event: EventHeader, p: ProductRepriced, views: ViewKeys) -> list[Step]:
-    return _steps(event, views, [("set", "price", f"{p.price:.2f}")], price=True)
+    return _steps(event, views, [("set", "price", f"{p.price:.2f}")])
 
 
 def on_restocked(event: EventHeader, p: ProductRestocked, views: ViewKeys) -> list[Step]:
@@ -167,7 +166,6 @@ def on_reserved(event: EventHeader, p: StockReserved, views: ViewKeys) -> list[S
             ("incr", "units_sold", p.qty),
             ("money", "revenue", cents(p.unit_price) * p.qty),
         ],
-        top=True,
     )
 
 
@@ -180,7 +178,6 @@ def on_released(event: EventHeader, p: StockReleased, views: ViewKeys) -> list[S
             ("incr", "units_sold", -p.qty),
             ("money", "revenue", -cents(p.unit_price) * p.qty),
         ],
-        top=True,
     )
 
 

@@ -1,10 +1,15 @@
-"""`cqrs verify`: recompute every view from PostgreSQL and compare it with Redis.
+"""`cqrs verify`: recompute every key the projections keep from PostgreSQL and compare.
 
-PostgreSQL is the source of truth; this is the check that the views converged to it. It
-reads the write side's tables with plain SQL (the projector knows the write side only
-through its schema, never through `commands`), builds the expected hashes and index
-entries, and reports every field that differs, every view that is missing and every view
-that should not exist.
+PostgreSQL is the source of truth; this is the check that Redis converged to it. It reads
+the write side's tables and the event log with plain SQL (the projector knows the write
+side only through its schema, never through `commands`) and builds the expected content
+of every key of the live generations: the views, the indexes, and the bookkeeping the
+projections rely on for exactly-once effects (per-order applied versions next to each
+customer, the orders projection's copy of each customer's name and version, the
+per-product version records of the catalog indexes, the sets of indexed values kept for
+crash-safe index cleanup). It reports every field or member that differs, every key that
+is missing or of the wrong type, and every key of those generations that should not
+exist (a phantom view, an orphaned record).
 """
 
 from __future__ import annotations
@@ -20,8 +25,8 @@ import redis
 
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.urls import libpq_url
-from projector.orders import LINE_ATTRIBUTES, line_field, order_member_id
-from projector.products import name_member, price_member
+from projector.orders import LINE_ATTRIBUTES, line_field, order_member
+from projector.products import REINDEX_NAME, REINDEX_PRICE, REINDEX_TOP, name_member, price_member
 
 
 @dataclass(frozen=True)
@@ -130,102 +135,170 @@ def expected_views(conn: psycopg.Connection) -> dict[str, dict[str, dict[str, An
     return {"product": products, "customer": customers, "order": orders}
 
 
-def _hgetall_many(client: redis.Redis, keys: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
-    for start in range(0, len(keys), 500):
-        chunk = keys[start : start + 500]
-        pipe = client.pipeline(transaction=False)
-        for key in chunk:
-            pipe.hgetall(key)
-        yield from zip(chunk, pipe.execute(), strict=True)
+@dataclass(frozen=True)
+class Expected:
+    """The content one key should have. `kind` is its Redis type: a hash compares field by
+    field, a sorted set member by member (the score), a set as a whole. Empty content
+    means the key must not exist (Redis drops empty containers)."""
+
+    view: str  # the label differences carry
+    kind: str  # "hash", "zset" or "set"
+    content: dict[str, Any] | set[str]
 
 
-def _ids_in_redis(client: redis.Redis, pattern: str) -> set[str]:
-    ids = set()
-    for key in client.scan_iter(match=pattern, count=1000):
-        ids.add(key.rsplit("{", 1)[-1].rstrip("}"))
-    return ids
+VIEW_KINDS = {"product", "customer", "order"}  # a missing or extra one is a "view"
 
 
-def _compare(
-    kind: str, expected: dict[str, dict[str, Any]], key_of: Any, client: redis.Redis, pattern: str
-) -> list[Difference]:
-    diffs = []
-    ids = sorted(expected)
-    for oid, (key, actual) in zip(
-        ids, _hgetall_many(client, [key_of(i) for i in ids]), strict=True
+def _index_versions(conn: psycopg.Connection) -> dict[str, dict[str, str]]:
+    """Per catalog index, {product id: version of the last event that recomputed it}: what
+    the index's version record holds (projector.products: the REINDEX_* sets)."""
+    wanted = {"name": REINDEX_NAME, "price": REINDEX_PRICE, "top": REINDEX_TOP}
+    versions: dict[str, dict[str, str]] = {index: {} for index in wanted}
+    types = sorted(set().union(*wanted.values()))
+    for pid, event_type, version in conn.execute(
+        "SELECT aggregate_id, event_type, max(aggregate_version) FROM events.event_log"
+        " WHERE aggregate_type = 'product' AND event_type = ANY(%s)"
+        " GROUP BY aggregate_id, event_type",
+        (types,),
     ):
-        want = expected[oid]
-        if not actual:
-            diffs.append(Difference(kind, key, "*", "view", None))
-            continue
-        for field in sorted(set(want) | set(actual)):
-            got = actual.get(field)
-            if want.get(field) != got:
-                diffs.append(Difference(kind, key, field, want.get(field), got))
-    for extra in sorted(_ids_in_redis(client, pattern) - set(expected)):
-        diffs.append(Difference(kind, key_of(extra), "*", None, "view"))
+        for index, event_types in wanted.items():
+            if event_type in event_types:
+                held = versions[index].get(str(pid))
+                if held is None or int(held) < version:
+                    versions[index][str(pid)] = str(version)
+    return versions
+
+
+def expected_keys(
+    conn: psycopg.Connection, keys: KeyMap, generations: dict[str, int]
+) -> dict[str, Expected]:
+    """Every key of the live generations with the content PostgreSQL implies for it."""
+    views = expected_views(conn)
+    products: ViewKeys = keys.views("products", generations["products"])
+    customers = keys.views("customers", generations["customers"])
+    orders = keys.views("orders", generations["orders"])
+    out: dict[str, Expected] = {}
+
+    prods = views["product"]
+    for pid, view in prods.items():
+        out[products.product(pid)] = Expected("product", "hash", view)
+        # The values that may still be in an index: once converged, only the current one.
+        out[products.product_names(pid)] = Expected("product-names", "set", {view["name"]})
+        out[products.product_prices(pid)] = Expected("product-prices", "set", {view["price"]})
+    index_versions = _index_versions(conn)
+    for view, key, content in (
+        ("products-by-name", products.products_by_name(),
+         {name_member(p["name"], p["id"]): 0.0 for p in prods.values()}),
+        ("products-by-price", products.products_by_price(),
+         {price_member(p["price"], p["id"]): 0.0 for p in prods.values()}),
+        ("top-products", products.top_products(),
+         {p["id"]: float(p["units_sold"]) for p in prods.values()}),
+    ):  # fmt: skip
+        out[key] = Expected(view, "zset", content)
+    for view, key, index in (
+        ("products-by-name-versions", products.products_by_name_versions(), "name"),
+        ("products-by-price-versions", products.products_by_price_versions(), "price"),
+        ("top-products-versions", products.top_products_versions(), "top"),
+    ):
+        out[key] = Expected(view, "hash", index_versions[index])
+
+    for cid, view in views["customer"].items():
+        out[customers.customer(cid)] = Expected("customer", "hash", view)
+        out[orders.order_customer(cid)] = Expected(
+            "customer-name", "hash", {"name": view["name"], "version": view["version"]}
+        )
+    applied: dict[str, dict[str, str]] = {}
+    members: dict[str, dict[str, float]] = {}
+    for oid, cid, placed_at, version in conn.execute(
+        "SELECT id, customer_id, placed_at, version FROM orders.orders"
+    ):
+        # Every order event is counted on the customer (placed, cancelled, shipped), so
+        # the exactly-once record of an order holds the order's current version.
+        applied.setdefault(str(cid), {})[str(oid)] = str(version)
+        members.setdefault(str(cid), {})[order_member(placed_at, oid)] = 0.0
+    for cid, content in applied.items():
+        out[customers.customer_order_state(cid)] = Expected(
+            "customer-orders-applied", "hash", content
+        )
+    for cid, content in members.items():
+        out[orders.customer_orders(cid)] = Expected("customer-orders", "zset", content)
+    for oid, view in views["order"].items():
+        out[orders.order(oid)] = Expected("order", "hash", view)
+    return out
+
+
+def _read_many(client: redis.Redis, wanted: list[tuple[str, str]]) -> Iterator[Any]:
+    """The content of (key, kind) pairs, 500 per pipeline; an error (a key of another
+    type) comes back as the exception instead of being raised."""
+    for start in range(0, len(wanted), 500):
+        pipe = client.pipeline(transaction=False)
+        for key, kind in wanted[start : start + 500]:
+            if kind == "hash":
+                pipe.hgetall(key)
+            elif kind == "zset":
+                pipe.zrange(key, 0, -1, withscores=True)
+            else:
+                pipe.smembers(key)
+        yield from pipe.execute(raise_on_error=False)
+
+
+def _compare_key(key: str, want: Expected, actual: Any) -> list[Difference]:
+    if isinstance(actual, Exception):
+        return [Difference(want.view, key, "*", want.kind, f"error: {actual}")]
+    if want.kind == "zset":
+        actual = dict(actual)
+    if not actual and want.content:
+        missing = "view" if want.view in VIEW_KINDS else want.kind
+        return [Difference(want.view, key, "*", missing, None)]
+    if want.kind == "set":
+        if set(actual) == want.content:
+            return []
+        return [Difference(want.view, key, "members", sorted(want.content), sorted(actual))]
+    diffs = []
+    content: dict[str, Any] = want.content  # type: ignore[assignment]
+    for name in sorted(set(content) | set(actual)):
+        if content.get(name) != actual.get(name):
+            diffs.append(Difference(want.view, key, name, content.get(name), actual.get(name)))
     return diffs
 
 
-def _compare_zset(
-    client: redis.Redis, key: str, expected: dict[str, float], view: str
+def _label(key: str, prefix: str) -> str:
+    """The kind of key a projection key is, from its name: `product`, `customer-orders`,
+    `products:by-name`..."""
+    rest = key[len(prefix) + 1 :]
+    return rest.split(":{", 1)[0]
+
+
+def _extra_keys(
+    client: redis.Redis,
+    keys: KeyMap,
+    generations: dict[str, int],
+    expected: dict[str, Expected],
 ) -> list[Difference]:
-    actual = dict(client.zrange(key, 0, -1, withscores=True))
+    """Keys of the live generations that nothing in PostgreSQL accounts for."""
     diffs = []
-    for member in sorted(set(expected) | set(actual)):
-        if expected.get(member) != actual.get(member):
-            diffs.append(Difference(view, key, member, expected.get(member), actual.get(member)))
+    for name, generation in sorted(generations.items()):
+        views = keys.views(name, generation)
+        prefix = views.prefix
+        for key in sorted(client.scan_iter(match=views.pattern(), count=1000)):
+            if key not in expected:
+                label = _label(key, prefix)
+                kind = "view" if label in VIEW_KINDS else "key"
+                diffs.append(Difference(label, key, "*", None, kind))
     return diffs
 
 
 def verify(
     database_url: str, client: redis.Redis, keys: KeyMap, generations: dict[str, int]
 ) -> list[Difference]:
+    """Every difference between what PostgreSQL implies and what the live generations of
+    `generations` ({projection: generation}) hold, views and bookkeeping alike."""
     with psycopg.connect(libpq_url(database_url)) as conn:
-        expected = expected_views(conn)
-        customer_orders: dict[str, set[str]] = {}
-        for oid, cid in conn.execute("SELECT id, customer_id FROM orders.orders"):
-            customer_orders.setdefault(str(cid), set()).add(str(oid))
-    products: ViewKeys = keys.views("products", generations["products"])
-    customers = keys.views("customers", generations["customers"])
-    orders = keys.views("orders", generations["orders"])
-    diffs = _compare(
-        "product", expected["product"], products.product, client, products.product("*")
-    )
-    diffs += _compare(
-        "customer", expected["customer"], customers.customer, client, customers.customer("*")
-    )
-    diffs += _compare("order", expected["order"], orders.order, client, orders.order("*"))
-    prods = expected["product"].values()
-    diffs += _compare_zset(
-        client,
-        products.products_by_name(),
-        {name_member(p["name"], p["id"]): 0.0 for p in prods},
-        "products-by-name",
-    )
-    diffs += _compare_zset(
-        client,
-        products.products_by_price(),
-        {price_member(p["price"], p["id"]): 0.0 for p in prods},
-        "products-by-price",
-    )
-    diffs += _compare_zset(
-        client,
-        products.top_products(),
-        {p["id"]: float(p["units_sold"]) for p in prods},
-        "top-products",
-    )
-    for cid in expected["customer"]:
-        actual = {order_member_id(m) for m in client.zrange(orders.customer_orders(cid), 0, -1)}
-        want = customer_orders.get(cid, set())
-        if actual != want:
-            diffs.append(
-                Difference(
-                    "customer-orders",
-                    orders.customer_orders(cid),
-                    "members",
-                    sorted(want),
-                    sorted(actual),
-                )
-            )
-    return diffs
+        expected = expected_keys(conn, keys, generations)
+    wanted = list(expected.items())
+    diffs: list[Difference] = []
+    for (key, want), actual in zip(
+        wanted, _read_many(client, [(k, w.kind) for k, w in wanted]), strict=True
+    ):
+        diffs += _compare_key(key, want, actual)
+    return diffs + _extra_keys(client, keys, generations, expected)
