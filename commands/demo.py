@@ -21,7 +21,7 @@ from commands.errors import CommandRejected
 from commands.handlers import execute
 from commands.orders import PlaceOrder
 from commands.relay import Relay
-from cqrs.console import out
+from cqrs.console import heading, out
 from cqrs.wiring import Wiring
 from projector.registry import PROJECTIONS
 from projector.worker import Worker
@@ -57,6 +57,8 @@ CUSTOMER_NAMES = [
     "Edsger Dijkstra",
     "Barbara Liskov",
 ]
+ORDERS = 30
+DEMO_SIZE = f"{len(PRODUCT_NAMES)} products, {len(CUSTOMER_NAMES)} customers, {ORDERS} orders"
 
 
 def seed(session_factory: sessionmaker, rng: random.Random) -> tuple[list, list, list, int]:
@@ -80,7 +82,7 @@ def seed(session_factory: sessionmaker, rng: random.Random) -> tuple[list, list,
         customers.append(result.id)
         events += len(result.events)
     orders = []
-    while len(orders) < 30:
+    while len(orders) < ORDERS:
         lines = rng.sample(products, rng.randint(1, 4))
         command = PlaceOrder(
             customer_id=rng.choice(customers),
@@ -136,14 +138,14 @@ def run_demo(wiring: Wiring) -> None:
     ensure_schema(wiring)
     session_factory = make_session_factory(wiring.engine)
     rng = random.Random()
-    out.rule("1. commands: seeding through the write services")
+    heading("1. commands: seeding through the write services")
     products, customers, orders, events = seed(session_factory, rng)
     counts = f"{len(products)} products, {len(customers)} customers, {len(orders)} orders"
     out.print(f"{counts}: {events} events committed")
-    out.rule("2. relay + projectors")
+    heading("2. relay + projectors")
     project_until_current(wiring, events)
     queries = QueryService(wiring.redis, wiring.keys, partitions=wiring.settings.partitions)
-    out.rule("3. queries, served only from Redis")
+    heading("3. queries, served only from Redis")
     product = queries.get_product(products[0])
     out.print(_product_table([product], f"product {product.id}"))
     catalog = queries.list_products(sort="price", limit=10)
@@ -157,7 +159,7 @@ def run_demo(wiring: Wiring) -> None:
         )
     )
     out.print(_product_table(queries.top_products(limit=5), "top products by units sold"))
-    out.rule("4. a customer renames; the order views follow")
+    heading("4. a customer renames; the order views follow")
     before = queries.get_order(order_id).customer_name
     renamed = execute(
         RenameCustomer(customer_id=customer_id, name=f"{before} (renamed)"), session_factory

