@@ -38,6 +38,7 @@ from cqrs.logs import configure_logging
 from cqrs.metrics import Gauge
 from cqrs.settings import Settings
 from cqrs.signals import install_stop_handlers
+from cqrs.startup import prepare_or_exit
 from cqrs.urls import mask_url
 from cqrs.wiring import Wiring
 
@@ -106,7 +107,7 @@ def run_command(
 @product_app.command("create")
 def product_create(
     sku: str = typer.Option(..., "--sku", help="Unique stock-keeping unit."),
-    name: str = typer.Option(..., "--name"),
+    name: str = typer.Option(..., "--name", help="Display name."),
     price: str = typer.Option(..., "--price", help="Decimal, at most 2 places, e.g. 12.50."),
     stock: int = typer.Option(0, "--stock", help="Units in stock (>= 0)."),
     json_output: bool = JSON_OPTION,
@@ -168,8 +169,8 @@ def product_restock(
 
 @customer_app.command("register")
 def customer_register(
-    email: str = typer.Option(..., "--email"),
-    name: str = typer.Option(..., "--name"),
+    email: str = typer.Option(..., "--email", help="Unique email (case-insensitive)."),
+    name: str = typer.Option(..., "--name", help="Display name."),
     json_output: bool = JSON_OPTION,
 ) -> None:
     """Register a customer; the email must be unique (case-insensitive)."""
@@ -251,7 +252,11 @@ def order_ship(
 
 
 @db_app.command("upgrade")
-def db_upgrade(json_output: bool = typer.Option(False, "--json")) -> None:
+def db_upgrade(
+    json_output: bool = typer.Option(
+        False, "--json", help="One JSON object: migrations applied and the schema version."
+    ),
+) -> None:
     """Create or migrate the write-side schema (also done automatically on first use)."""
     wiring = Wiring(load_settings())
     try:
@@ -284,9 +289,12 @@ def relay_command(
     metrics_port: int = metrics_port_option(),
 ) -> None:
     """Move committed events from the PostgreSQL log to Redis Streams until stopped."""
+    stop = threading.Event()
+    install_stop_handlers(stop)  # first: a SIGTERM while waiting for the servers is a stop
     configure_logging(logging.INFO)
     wiring = Wiring(load_settings())
     try:
+        prepare_or_exit(wiring, stop, long_running=not drain, postgres=True)
         ensure_schema(wiring)
         relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
         metrics = None if drain else start_metrics_or_fail(wiring.settings, metrics_port)
@@ -294,10 +302,8 @@ def relay_command(
             relay.metrics = metrics
             metrics.add_gauges(lambda: outbox_gauges(relay))
         if drain:
-            out.print(f"published {relay.drain()} event(s)")
+            out.print(f"published {relay.drain(stop)} event(s)")
             return
-        stop = threading.Event()
-        install_stop_handlers(stop)
         relay.run(stop)
     except (OperationalError, psycopg.OperationalError) as exc:
         # One line, not a traceback; `run` itself retries, so this is startup or --drain.
@@ -379,11 +385,12 @@ def run_command_(
     from projector.registry import PROJECTIONS
     from projector.worker import Worker
 
+    stop = threading.Event()
+    install_stop_handlers(stop)  # first: a SIGTERM while waiting for the servers is a stop
     configure_logging(logging.INFO)
     wiring = Wiring(load_settings())
-    stop = threading.Event()
-    install_stop_handlers(stop)
     try:
+        prepare_or_exit(wiring, stop, long_running=not drain, postgres=True)
         ensure_schema(wiring)
         relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
         worker = Worker(
@@ -406,7 +413,7 @@ def run_command_(
         if drain:
             report = DrainReport()
             # Relay, project to the end, and go round again if writers added more meanwhile.
-            while (published := relay.drain()) or not worker.caught_up():
+            while (published := relay.drain(stop)) or not worker.caught_up():
                 report.published += published
                 report.built.update(build_missing_views(worker, wiring, stop))
                 worker.run(stop, drain=True)

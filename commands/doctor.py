@@ -16,6 +16,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from commands.migrations import LATEST_VERSION, current_version
 from cqrs.keys import KeyMap
 from cqrs.settings import Settings
+from cqrs.startup import judge_eviction_policy
 from cqrs.streams import parse_entry_id, partition_groups
 from cqrs.urls import mask_url
 from cqrs.wiring import make_engine
@@ -90,41 +91,14 @@ def check_eviction(client: redis.Redis, keys: KeyMap, info: dict[str, Any]) -> C
         "(a replay builds the new generation beside the live one), e.g. at least "
         f"{max(2 * used, 64 * 2**20) / 2**20:.0f} MiB now"
     )
+    # The rule is the kernel's (the relay and the workers refuse to start on its errors);
+    # doctor adds what only it measures: the memory budget.
+    verdict = judge_eviction_policy(policy, maxmemory)
     if policy is None:
-        return Check(
-            "maxmemory-policy",
-            WARNING,
-            "cannot read maxmemory-policy (CONFIG GET refused)",
-            "make sure it is noeviction (views must never be evicted)",
-        )
-    if policy.startswith("allkeys-"):
-        return Check(
-            "maxmemory-policy",
-            ERROR,
-            f"maxmemory-policy is {policy}: Redis may evict any key, so a view, an index or a "
-            "stream entry can vanish silently and queries would lie",
-            f"CONFIG SET maxmemory-policy noeviction (and in redis.conf); {budget}",
-        )
-    if policy.startswith("volatile-"):
-        return Check(
-            "maxmemory-policy",
-            WARNING,
-            f"maxmemory-policy is {policy}: our view keys have no TTL so they are not evicted, "
-            "but leases would be, and anything else with a TTL in this Redis competes with them",
-            f"use noeviction; {budget}",
-        )
-    if not maxmemory:
-        return Check(
-            "maxmemory-policy",
-            WARNING,
-            f"{policy} but no maxmemory: Redis grows until the OS kills it",
-            f"set maxmemory; {budget}",
-        )
-    return Check(
-        "maxmemory-policy",
-        OK,
-        f"{policy}, maxmemory {maxmemory / 2**20:.0f} MiB; {budget}",
-    )
+        return Check("maxmemory-policy", verdict.status, verdict.detail, verdict.fix)
+    if verdict.status == OK:
+        return Check("maxmemory-policy", OK, f"{verdict.detail}; {budget}")
+    return Check("maxmemory-policy", verdict.status, verdict.detail, f"{verdict.fix}; {budget}")
 
 
 def _bytes_per_view(client: redis.Redis, keys: KeyMap) -> dict[str, int]:

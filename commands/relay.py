@@ -47,6 +47,7 @@ from cqrs.eventlog import STREAM_FIELDS, STREAM_FIELDS_SQL
 from cqrs.keys import KeyMap, partition_of
 from cqrs.redisio import round_trip
 from cqrs.settings import Settings
+from cqrs.startup import EvictionWatch
 from cqrs.streams import parse_entry_id, stream_partitions
 from cqrs.urls import libpq_url, mask_url
 
@@ -114,6 +115,11 @@ class Relay:
         self._last_trim = 0.0
         self.published = 0
         self.metrics: RelayMetrics | None = None  # instrumentation; None = metrics off
+        # Start-up refused an evicting Redis; this says so loudly if the policy changes
+        # while we run (checked between passes, at most every eviction_check_seconds).
+        self.eviction_watch = EvictionWatch(
+            client, every=settings.eviction_check_seconds, allowed=settings.allow_eviction
+        )
 
     def _connect(self) -> psycopg.Connection:
         # A relay transaction only deletes outbox rows it has already published; if a
@@ -205,12 +211,13 @@ class Relay:
         ).fetchone()[0]
         self.redis.hsetnx(self.keys.meta(), "origin", "complete" if published == 0 else "partial")
 
-    def drain(self) -> int:
-        """Publish everything visible now (used by `cqrs run --drain` and tests)."""
+    def drain(self, stop: threading.Event | None = None) -> int:
+        """Publish everything visible now (used by `cqrs run --drain` and tests); a set
+        `stop` ends it after the pass in hand (SIGTERM/SIGINT)."""
         total = 0
         with self._connect() as conn:
             self.mark_origin(conn)
-            while n := self.publish_batch(conn):
+            while not (stop is not None and stop.is_set()) and (n := self.publish_batch(conn)):
                 total += n
         self.trim_streams(force=True)
         return total
@@ -292,6 +299,7 @@ class Relay:
         while not stop.is_set():
             n = self.publish_batch(conn)
             self.trim_streams()
+            self.eviction_watch.poll()
             if n < self.settings.relay_batch_size:
                 self._wait_for_notify(conn, poll, stop)
 

@@ -168,6 +168,27 @@ class Settings(BaseSettings):
         default=None, description="OS user that runs embedded PostgreSQL when we are root"
     )
 
+    # Start-up guards (cqrs/startup.py, docs/operations.md "Start-up").
+    startup_timeout: float | None = Field(
+        default=None,
+        ge=0,
+        description="seconds relay/project/run wait for Redis and PostgreSQL at start-up "
+        "before exit 1; unset: no limit, but 5 s for --drain runs; 0: no limit",
+    )
+    allow_eviction: bool = Field(
+        default=False,
+        description="start even when Redis's maxmemory-policy may evict our keys (logged "
+        "as an error); otherwise relay/project/run refuse to start (exit 2)",
+    )
+    eviction_check_seconds: float = Field(
+        default=30.0, gt=0, description="how often running processes re-check the policy"
+    )
+
+    @field_validator("startup_timeout", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
+        return None if isinstance(value, str) and not value.strip() else value
+
     @field_validator("namespace")
     @classmethod
     def _check_namespace(cls, value: str) -> str:

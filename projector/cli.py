@@ -18,12 +18,14 @@ from cqrs.cli import (
 from cqrs.console import EXIT_USAGE, fail, out, print_json
 from cqrs.logs import configure_logging
 from cqrs.signals import install_stop_handlers
+from cqrs.startup import prepare_or_exit
 from cqrs.wiring import Wiring
 from projector.deadletters import (
     DeadLetter,
     drop_dead_letters,
     get_dead_letter,
     list_dead_letters,
+    refile_dead_letters,
 )
 from projector.projection import Projection
 from projector.registry import PROJECTIONS
@@ -62,6 +64,9 @@ def project_command(
     projections = select_projections(projection)
     wiring = Wiring(load_settings())
     try:
+        # Redis only: PostgreSQL is needed to build views from the log, and a build that
+        # cannot reach it is retried by the worker itself.
+        prepare_or_exit(wiring, stop, long_running=not drain, postgres=False)
         metrics = start_metrics_or_fail(wiring.settings, metrics_port)
         worker = Worker(
             wiring.redis,
@@ -211,6 +216,7 @@ def dlq_retry(
         done = [d for d, error in zip(letters, results, strict=True) if error is None]
         failed = [(d, e) for d, e in zip(letters, results, strict=True) if e is not None]
         drop_dead_letters(wiring.redis, wiring.keys, projection, done)
+        refile_dead_letters(wiring.redis, wiring.keys, projection, failed)
     finally:
         wiring.close()
     if json_output:
@@ -230,10 +236,10 @@ def dlq_retry(
 
 @dlq_app.command("drop")
 def dlq_drop(
-    ids: list[str] = typer.Argument(None, metavar="[ID]..."),
+    ids: list[str] = typer.Argument(None, metavar="ID", help="Dead letters to drop (or --all)."),
     projection: str = PROJECTION_OPTION,
     all_: bool = typer.Option(False, "--all", help="Drop every dead letter."),
-    json_output: bool = typer.Option(False, "--json"),
+    json_output: bool = typer.Option(False, "--json", help='One JSON object: {"dropped": N}.'),
 ) -> None:
     """Delete dead letters without applying them."""
     select_projections([projection])
