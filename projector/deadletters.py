@@ -105,3 +105,30 @@ def drop_dead_letters(
         if (data.get("stream"), data.get("entry_id")) in originals
     ]
     return client.xdel(keys.dead_letters(projection), *ids) if ids else 0
+
+
+def refile_dead_letters(
+    client: redis.Redis, keys: KeyMap, projection: str, failed: list[tuple[DeadLetter, str]]
+) -> None:
+    """A retry from the dead letters is a delivery too: a letter that fails again is
+    filed anew (a new id, at the end) with its delivery count raised and the new error,
+    and the old one removed, in one MULTI on the one dead-letter key, so a crash leaves
+    either the old letter or the new one, never both or neither."""
+    if not failed:
+        return
+    key = keys.dead_letters(projection)
+    pipe = client.pipeline(transaction=True)
+    for letter, error in failed:
+        pipe.xadd(
+            key,
+            dead_letter_fields(
+                projection,
+                letter.stream,
+                letter.entry_id,
+                letter.fields,
+                error,
+                letter.deliveries + 1,
+            ),
+        )
+        pipe.xdel(key, letter.id)
+    pipe.execute()

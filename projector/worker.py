@@ -48,7 +48,6 @@ from projector.steps import Step, run_steps
 
 log = logging.getLogger(__name__)
 
-RETRY_IDLE_MS = 200
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -70,8 +69,13 @@ class Slot:
     partition: int
     stream: str
     lease: str
+    # Taken over (or its group recreated, or the connection lost): the pending entries
+    # are claimed, page by page from `cursor`, before new ones are read.
     recovering: bool = True
-    retry_due: bool = False
+    cursor: str = "-"
+    # When entries that failed are due for another delivery (monotonic seconds); None
+    # while nothing waits.
+    retry_at: float | None = None
 
 
 @dataclass
@@ -91,6 +95,17 @@ class WorkerStats:
     dead_lettered: int = 0
     skipped: int = 0
     extra: dict[str, int] = field(default_factory=dict)
+
+
+def _as_dict(flat: Any) -> dict[str, str] | None:
+    """Entry fields from a raw reply: a flat [field, value, ...] list (RESP2), a dict
+    (RESP3), or None for an entry that no longer exists."""
+    if flat is None:
+        return None
+    if isinstance(flat, dict):
+        return flat
+    it = iter(flat)
+    return dict(zip(it, it, strict=True))
 
 
 def tune_gc(threshold: int) -> None:
@@ -140,6 +155,7 @@ class Worker:
         self._pubsub: redis.client.PubSub | None = None
         # Last error per pending entry, carried into its dead letter.
         self._last_errors: dict[tuple[str, str, str], str] = {}
+        self._stuck_reads = 0  # reads in a row with entries and no progress
         # Instrumentation: None = metrics off (the hot path then only skips a branch).
         self.metrics: WorkerMetrics | None = None
         self._batch_applied: dict[tuple[str, str], int] = {}
@@ -365,80 +381,104 @@ class Worker:
     # --- reading -----------------------------------------------------------------------
 
     def _read(self) -> list[Entry]:
-        """One pipelined read over every owned slot: claims while recovering, due retries,
-        then new entries. Non-blocking; the caller waits for a wake-up when idle."""
-        count = self.settings.projector_batch_size
+        """One packed read over every owned slot; non-blocking (the caller waits for a
+        wake-up when idle).
+
+        Per slot, in this order of precedence:
+        - recovering (just taken over, group recreated, reconnected): the next page of the
+          group's pending entries idle for at least the retry delay, followed by a cursor
+          to the end of the list, before any new entry (an earlier owner's entries come
+          before later ones of the same aggregates). New entries are read again as soon
+          as the scan reaches the end.
+        - otherwise new entries (XREADGROUP >), always, so a slot whose old entries keep
+          failing never starves; and, once the retry delay of its failed entries has
+          passed, the ones idle that long. A later event of an aggregate whose earlier one
+          is still failing fails its version gate and waits (or is parked) behind it.
+        Every redelivery, recovery included, goes through `_claim_pending`, which counts
+        deliveries and dead-letters at `projector_max_deliveries`."""
         if not self.owned:
             return []
         slots = list(self.owned.values())
-        if not any(slot.recovering or slot.retry_due for slot in slots):
-            return self._read_new(slots, count)
-        pipe = self.redis.pipeline(transaction=False)
-        for command in self._status_commands():
-            pipe.execute_command(*command)
-        kinds: list[str] = []
+        now = time.monotonic()
+        if not any(s.recovering or (s.retry_at is not None and s.retry_at <= now) for s in slots):
+            return self._read_new(slots)
+        count = self.settings.projector_batch_size
+        delay = self.settings.projector_retry_delay_ms
+        commands = self._status_commands()
+        plan: list[tuple[Slot, str]] = []
         for slot in slots:
-            group = slot.projection.name
+            stream, group = slot.stream, slot.projection.name
             if slot.recovering:
-                pipe.xautoclaim(slot.stream, group, self.consumer, 0, "0-0", count=count)
-                kinds.append("claim")
-            elif slot.retry_due:
-                pipe.xpending_range(
-                    slot.stream,
-                    group,
-                    "-",
-                    "+",
-                    count,
-                    consumername=self.consumer,
-                    idle=RETRY_IDLE_MS,
-                )
-                kinds.append("pending")
-            else:
-                pipe.xreadgroup(group, self.consumer, {slot.stream: ">"}, count=count)
-                kinds.append("new")
-        results = pipe.execute(raise_on_error=False)
-        status = results[: 3 * len(self.projections)]
-        # The status read in the same round trip: entries of a projection that is no
+                commands.append(("XPENDING", stream, group, "IDLE", delay, slot.cursor, "+", count))
+                plan.append((slot, "recover"))
+                continue
+            if slot.retry_at is not None and slot.retry_at <= now:
+                commands.append(("XPENDING", stream, group, "IDLE", delay, "-", "+", count))
+                commands.append(("XPENDING", stream, group))
+                plan += [(slot, "retry"), (slot, "left")]
+            commands.append(self._xreadgroup(slot))
+            plan.append((slot, "new"))
+        results = round_trip(self.redis, commands)
+        n_status = 3 * len(self.projections)
+        # The status comes in the same round trip: entries of a projection that is no
         # longer active (paused for a switch, to be rebuilt) are left pending, unapplied;
         # whoever holds the slot next claims them (a slot is taken over "recovering").
-        self._apply_status(status)
-        results = results[3 * len(self.projections) :]
-        entries: list[Entry] = []
-        for slot, kind, result in zip(slots, kinds, results, strict=True):
-            if slot.projection.name not in self.active:
-                continue
-            if isinstance(result, redis.ResponseError) and "NOGROUP" in str(result):
-                self._group_gone(slot)
+        self._apply_status(results[:n_status])
+        claimed: list[Entry] = []
+        new: list[Entry] = []
+        gone: set[int] = set()
+        due: dict[int, list[list[Any]]] = {}
+        for (slot, kind), result in zip(plan, results[n_status:], strict=True):
+            if slot.projection.name not in self.active or id(slot) in gone:
                 continue
             if isinstance(result, Exception):
-                raise result
-            if kind == "claim":
-                _next, claimed, deleted = result[0], result[1], result[2] if len(result) > 2 else []
-                entries += [Entry(slot, eid, fields) for eid, fields in claimed]
-                entries += [Entry(slot, eid, None) for eid in deleted]
-                if not claimed and not deleted:
-                    slot.recovering = False
-            elif kind == "pending":
-                entries += self._claim_retries(slot, result)
+                if "NOGROUP" not in str(result):
+                    raise result
+                gone.add(id(slot))
+                self._group_gone(slot)
+                continue
+            if kind == "recover":
+                rows = result or []
+                if len(rows) < count:
+                    # The scan reached the end. Entries it passed over had failed less
+                    # than the retry delay ago: they wait for it like any other retry.
+                    slot.recovering, slot.cursor = False, "-"
+                    slot.retry_at = now + delay / 1000
+                else:
+                    slot.cursor = f"({rows[-1][0]}"
+                if rows:
+                    claimed += self._claim_pending(slot, rows)
+            elif kind == "retry":
+                due[id(slot)] = result or []
+            elif kind == "left":
+                # Entries still pending beyond the ones due now are not idle long enough
+                # yet: look again once they are. A full page may leave more due at once.
+                rows = due.pop(id(slot), [])
+                waiting = int(result[0] or 0) if result else 0
+                if len(rows) >= count:
+                    slot.retry_at = now
+                elif waiting > len(rows):
+                    slot.retry_at = now + delay / 1000
+                else:
+                    slot.retry_at = None
+                if rows:
+                    claimed += self._claim_pending(slot, rows)
             else:
-                for _stream, rows in result or []:
-                    entries += [Entry(slot, eid, fields) for eid, fields in rows]
-        return entries
+                new += self._entries(slot, result)
+        # Redelivered entries first: a retry that succeeds now lets the same aggregate's
+        # later events in this batch pass their gates.
+        return claimed + new
 
-    def _read_new(self, slots: list[Slot], count: int) -> list[Entry]:
-        """The steady state of `_read`: the status and new entries (XREADGROUP >) of every
-        slot, sent in one packed round trip (`cqrs.redisio.round_trip`).
+    def _xreadgroup(self, slot: Slot) -> tuple[Any, ...]:
+        return ("XREADGROUP", "GROUP", slot.projection.name, self.consumer, "COUNT",
+                self.settings.projector_batch_size, "STREAMS", slot.stream, ">")  # fmt: skip
 
-        redis-py's `Pipeline` costs ~20 us of Python per command, and a worker with 24
-        slots sends 33 commands per read: ~300 us per batch against ~60 us packed
-        (measured idle), paid by every live batch, i.e. by every event's latency."""
-        consumer = self.consumer
+    def _read_new(self, slots: list[Slot]) -> list[Entry]:
+        """The steady state of `_read`: the status and new entries of every slot, in one
+        packed round trip (`cqrs.redisio.round_trip`: redis-py's Pipeline costs more per
+        command than a live batch can spare; docs/benchmarks.md)."""
         commands = self._status_commands()
-        commands += [
-            ("XREADGROUP", "GROUP", slot.projection.name, consumer, "COUNT", count, "STREAMS",
-             slot.stream, ">")
-            for slot in slots
-        ]  # fmt: skip
+        commands += [self._xreadgroup(slot) for slot in slots]
         results = round_trip(self.redis, commands)
         n_status = 3 * len(self.projections)
         self._apply_status(results[:n_status])
@@ -451,16 +491,26 @@ class Worker:
                     raise result
                 self._group_gone(slot)
                 continue
-            if not result:
-                continue
-            # RESP3: {stream: rows}; RESP2: [[stream, rows]].
-            for rows in result.values() if isinstance(result, dict) else (r[1] for r in result):
-                for entry_id, flat in rows:
-                    it = iter(flat or ())
-                    entries.append(Entry(slot, entry_id, dict(zip(it, it, strict=True))))
+            if result:
+                entries += self._entries(slot, result)
+        return entries
+
+    @staticmethod
+    def _entries(slot: Slot, result: Any) -> list[Entry]:
+        """Entries of one raw XREADGROUP reply: RESP3 {stream: rows}, RESP2 [[stream, rows]]."""
+        entries: list[Entry] = []
+        if not result:
+            return entries
+        for rows in result.values() if isinstance(result, dict) else (r[1] for r in result):
+            for entry_id, flat in rows:
+                entries.append(Entry(slot, entry_id, _as_dict(flat)))
         return entries
 
     def _group_gone(self, slot: Slot) -> None:
+        """NOGROUP from any call of a slot: Redis restarted, flushed or lost the key. The
+        group is recreated from the start of the stream (never `$`, which would skip what
+        it holds), loudly; its entries are delivered again with fresh delivery counts,
+        and the version gates make the re-applied ones no-ops."""
         log.error(
             "consumer group %s on %s is gone (Redis restarted or flushed?); "
             "recreating it from the start of the stream",
@@ -469,69 +519,84 @@ class Worker:
             extra={**self._log, "projection": slot.projection.name, "stream": slot.stream},
         )
         self._ensure_group(slot.stream, slot.projection.name)
-        slot.recovering = True
+        slot.recovering, slot.cursor, slot.retry_at = True, "-", None
 
-    def _claim_retries(self, slot: Slot, pending: list[dict[str, Any]]) -> list[Entry]:
-        if not pending:
-            # Nothing idle long enough yet; stay in retry mode only while some remain.
-            slot.retry_due = bool(
-                self.redis.xpending_range(
-                    slot.stream, slot.projection.name, "-", "+", 1, consumername=self.consumer
-                )
-            )
-            return []
-        exhausted = [
-            p["message_id"]
-            for p in pending
-            if p["times_delivered"] >= self.settings.projector_max_deliveries
-        ]
-        retry = [p["message_id"] for p in pending if p["message_id"] not in set(exhausted)]
-        entries: list[Entry] = []
-        if exhausted:
-            self._dead_letter_ids(slot, exhausted, {p["message_id"]: p for p in pending})
+    def _claim_pending(self, slot: Slot, rows: list[list[Any]]) -> list[Entry]:
+        """Take pending entries (raw XPENDING rows: id, consumer, idle ms, deliveries) for
+        another delivery, or dead-letter the ones delivered `projector_max_deliveries`
+        times already. The one path every redelivery takes (recovery, retries), so none
+        can redeliver an entry forever.
+
+        XCLAIM with min-idle 0: holding the slot's lease makes its whole pending list
+        ours, and XCLAIM counts the delivery. An entry that no longer exists in the
+        stream (trimmed or deleted while pending) comes back empty, or not at all
+        (Redis >= 7 drops it from the list): it becomes an entry with no fields, which
+        is acknowledged away."""
+        limit = self.settings.projector_max_deliveries
+        exhausted = {str(r[0]): int(r[3]) for r in rows if int(r[3]) >= limit}
+        retry = [str(r[0]) for r in rows if str(r[0]) not in exhausted]
+        stream, group = slot.stream, slot.projection.name
+        commands: list[tuple[Any, ...]] = []
         if retry:
-            claimed = self.redis.xclaim(
-                slot.stream, slot.projection.name, self.consumer, RETRY_IDLE_MS, retry
-            )
-            found = {eid for eid, _ in claimed}
-            entries += [Entry(slot, eid, fields) for eid, fields in claimed]
-            entries += [Entry(slot, eid, None) for eid in retry if eid not in found]
+            commands.append(("XCLAIM", stream, group, self.consumer, 0, *retry))
+        commands += [("XRANGE", stream, eid, eid) for eid in exhausted]
+        replies = round_trip(self.redis, commands)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                if "NOGROUP" not in str(reply):
+                    raise reply
+                self._group_gone(slot)
+                return []
+        entries: list[Entry] = []
+        if retry:
+            found = {str(eid): flat for eid, flat in replies[0] or []}
+            entries = [Entry(slot, eid, _as_dict(found.get(eid))) for eid in retry]
+            replies = replies[1:]
+        if exhausted:
+            letters = {
+                eid: _as_dict(rows[0][1]) if rows else {}
+                for eid, rows in zip(exhausted, replies, strict=True)
+            }
+            self._dead_letter(slot, letters, exhausted)
         return entries
 
-    def _dead_letter_ids(self, slot: Slot, ids: list[str], info: dict[str, dict]) -> None:
+    def _dead_letter(
+        self, slot: Slot, letters: dict[str, dict[str, str] | None], deliveries: dict[str, int]
+    ) -> None:
+        """File entries in the projection's dead letters and acknowledge them, in one
+        round trip. Two keys in different hash tags, so not atomic: a crash in between
+        files the same entry again next time, which `cqrs dlq` shows and applies once."""
+        name = slot.projection.name
         errors = self._last_errors
-        pipe = self.redis.pipeline(transaction=False)
-        for eid in ids:
-            rows = self.redis.xrange(slot.stream, eid, eid)
-            fields = rows[0][1] if rows else {}
-            error = errors.pop((slot.projection.name, slot.stream, eid), "failed repeatedly")
-            deliveries = int(info[eid]["times_delivered"])
-            pipe.xadd(
-                self.keys.dead_letters(slot.projection.name),
-                dead_letter_fields(
-                    slot.projection.name, slot.stream, eid, fields, error, deliveries
-                ),
-            )
+        commands: list[tuple[Any, ...]] = []
+        for eid, fields in letters.items():
+            fields = fields or {}
+            error = errors.pop((name, slot.stream, eid), "failed repeatedly")
+            letter = dead_letter_fields(name, slot.stream, eid, fields, error, deliveries[eid])
+            flat = [x for pair in letter.items() for x in pair]
+            commands.append(("XADD", self.keys.dead_letters(name), "*", *flat))
             log.error(
                 "dead-lettered %s %s after %d deliveries: %s",
-                slot.projection.name,
+                name,
                 eid,
-                deliveries,
+                deliveries[eid],
                 error,
                 extra={
                     **self._log,
-                    "projection": slot.projection.name,
+                    "projection": name,
                     "entry_id": eid,
                     "event_id": fields.get("event_id"),
                     "event_type": fields.get("type"),
-                    "deliveries": deliveries,
+                    "deliveries": deliveries[eid],
                 },
             )
-        pipe.execute()
-        self.redis.xack(slot.stream, slot.projection.name, *ids)
-        self.stats.dead_lettered += len(ids)
+        commands.append(("XACK", slot.stream, name, *letters))
+        for reply in round_trip(self.redis, commands):
+            if isinstance(reply, Exception):
+                raise reply
+        self.stats.dead_lettered += len(letters)
         if self.metrics is not None:
-            self.metrics.dead_lettered(slot.projection.name, len(ids))
+            self.metrics.dead_lettered(name, len(letters))
 
     # --- applying ----------------------------------------------------------------------
 
@@ -648,7 +713,9 @@ class Worker:
                         applied_counts[key] = applied_counts.get(key, 0) + 1
             else:
                 self.stats.failed += 1
-                slot.retry_due = True
+                due = time.monotonic() + self.settings.projector_retry_delay_ms / 1000
+                if slot.retry_at is None or slot.retry_at > due:
+                    slot.retry_at = due
                 self._last_errors[(slot.projection.name, slot.stream, entry.entry_id)] = error
                 if counting:
                     name = slot.projection.name
@@ -778,6 +845,79 @@ class Worker:
                     pass
                 return
 
+    def _idle_wait(self, drain: bool) -> float:
+        """How long an idle worker waits for a wake-up: until its earliest failed entry is
+        due again, at most the block time (shorter when draining, whose end is checked
+        by polling), and never past the lease renewal period (a lease shorter than the
+        block time would lapse while idle)."""
+        wait = self.settings.projector_block_ms / 1000
+        if drain:
+            wait = min(wait, max(self.settings.projector_retry_delay_ms, 100) / 1000)
+        due = [s.retry_at for s in self.owned.values() if s.retry_at is not None]
+        if due:
+            wait = min(wait, max(min(due) - time.monotonic(), 0.0))
+        return min(wait, self.settings.projector_lease_ms / 3000)
+
+    def _check_progress(self, handled: int, progress_before: int) -> float:
+        """The busy-loop guard: the seconds to back off after this read (0: none).
+
+        Every redelivery path is bounded (retry delay, max deliveries), so a worker that
+        keeps reading entries and applies, acknowledges and dead-letters none of them
+        has hit a loop nobody foresaw. Rather than burn a core and hammer Redis, it backs
+        off (doubling up to 5 s), says why once in the log, and leaves the reason in the
+        projections' progress records for `cqrs status`; both clear on the next progress.
+        Reads that find nothing are idle, not stuck: they wait for a wake-up anyway."""
+        if not handled:
+            return 0.0
+        if self.stats.acked + self.stats.dead_lettered > progress_before:
+            if self._stuck_reads >= self.settings.projector_stuck_reads:
+                log.warning("making progress again", extra={**self._log})
+                self._report_stuck(None)
+            self._stuck_reads = 0
+            return 0.0
+        self._stuck_reads += 1
+        over = self._stuck_reads - self.settings.projector_stuck_reads
+        if over < 0:
+            return 0.0
+        if over == 0:
+            reason = (
+                f"no progress in {self._stuck_reads} reads in a row (every entry read failed "
+                f"and none was dead-lettered): backing off; last error: "
+                f"{next(reversed(self._last_errors.values()), 'unknown')}"
+            )
+            log.error(reason, extra={**self._log})
+            self._report_stuck(reason)
+        return min(0.1 * 2 ** min(over, 6), 5.0)
+
+    def _report_stuck(self, reason: str | None) -> None:
+        names = {slot.projection.name for slot in self.owned.values()} or {
+            p.name for p in self.projections
+        }
+        commands: list[tuple[Any, ...]] = []
+        for name in sorted(names):
+            key = self.keys.progress(name)
+            if reason is None:
+                commands.append(("HDEL", key, "stuck", "stuck_consumer", "stuck_at_ms"))
+            else:
+                commands.append(
+                    ("HSET", key, "stuck", reason, "stuck_consumer", self.consumer,
+                     "stuck_at_ms", int(time.time() * 1000))
+                )  # fmt: skip
+        with contextlib.suppress(*_TRANSIENT):
+            round_trip(self.redis, commands)
+
+    def _pause(self, stop: threading.Event, seconds: float, drain: bool) -> None:
+        """Back off without letting the leases lapse: a pause longer than the renewal
+        period would lose every slot, and a slot taken back starts with its recovery
+        scan, so a backing-off worker would never get as far as its new entries."""
+        deadline = time.monotonic() + seconds
+        while not stop.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            stop.wait(min(left, self.settings.projector_lease_ms / 3000))
+            self.maintain(drain=drain)
+
     def run(self, stop: threading.Event, *, drain: bool = False) -> None:
         """Project until `stop` is set (or, with `drain`, until everything is applied)."""
         tune_gc(self.settings.projector_gc_threshold)
@@ -787,21 +927,17 @@ class Worker:
                 try:
                     if self.needs_build and self.build_missing(stop):
                         continue
+                    progress_before = self.stats.acked + self.stats.dead_lettered
                     handled = self.run_once(drain=drain)
                     backoff = 0.1
+                    pause = self._check_progress(handled, progress_before)
+                    if pause:
+                        self._pause(stop, pause, drain)
+                        continue
                     if drain and not handled and self.caught_up():
                         return
                     if not handled:
-                        retrying = any(s.retry_due for s in self.owned.values())
-                        wait = (
-                            RETRY_IDLE_MS / 1000
-                            if retrying or drain
-                            else self.settings.projector_block_ms / 1000
-                        )
-                        # Leases are renewed between waits: never wait past the renewal
-                        # period, or a lease shorter than the block time lapses while idle.
-                        wait = min(wait, self.settings.projector_lease_ms / 3000)
-                        self._wait_for_work(stop, wait)
+                        self._wait_for_work(stop, self._idle_wait(drain))
                 except _TRANSIENT as exc:
                     log.warning(
                         "redis unavailable (%s); retrying in %.1fs",
@@ -815,7 +951,8 @@ class Worker:
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     for slot in self.owned.values():
-                        slot.recovering = True
+                        # Whatever was in flight is pending again: claim it first.
+                        slot.recovering, slot.cursor = True, "-"
         finally:
             self.release_all()
             if self._pubsub is not None:

@@ -4,12 +4,15 @@ relaying, draining the real worker, and snapshots of the namespace's view keys."
 from __future__ import annotations
 
 import threading
+import uuid
 from collections.abc import Iterable
+from datetime import UTC, datetime
 
 from commands.db import make_session_factory
 from commands.handlers import execute
 from commands.relay import Relay
 from commands.results import CommandResult
+from cqrs.events import EventEnvelope
 from cqrs.wiring import Wiring
 from projector.projection import Projection
 from projector.registry import PROJECTIONS
@@ -58,3 +61,26 @@ def view_snapshot(wiring: Wiring) -> dict[str, object]:
             elif kind == "set":
                 snapshot[key] = sorted(wiring.redis.smembers(key))
     return snapshot
+
+
+def product_created(product_id: uuid.UUID, name: str, version: int = 1) -> dict[str, str]:
+    """Stream fields of a well-formed ProductCreated (or, past version 1, ProductRenamed)."""
+    return EventEnvelope(
+        event_id=uuid.uuid4(),
+        event_type="ProductCreated" if version == 1 else "ProductRenamed",
+        aggregate_type="product",
+        aggregate_id=product_id,
+        version=version,
+        partition_key=product_id,
+        occurred_at=datetime.now(UTC),
+        payload=(
+            {"sku": f"S-{product_id.hex[:8]}", "name": name, "price": "1.00", "stock": 1}
+            if version == 1
+            else {"name": name}
+        ),
+    ).to_stream_fields()
+
+
+def malformed() -> dict[str, str]:
+    """A ProductCreated whose payload is not JSON: fails on every delivery."""
+    return {**product_created(uuid.uuid4(), "x"), "payload": "{not json"}
