@@ -84,10 +84,16 @@ class Settings(BaseSettings):
     projector_block_ms: int = Field(
         default=1000, ge=1, description="milliseconds an idle worker waits for new entries"
     )
-    projector_claim_idle_ms: int = Field(
-        default=10_000,
-        ge=100,
-        description="milliseconds an entry stays pending before another worker claims it",
+    projector_retry_delay_ms: int = Field(
+        default=200,
+        ge=0,
+        description="how long a failed entry waits before it is delivered again (on every path)",
+    )
+    projector_stuck_reads: int = Field(
+        default=50,
+        ge=1,
+        description="reads in a row that applied, acknowledged and dead-lettered nothing "
+        "before a worker backs off and reports itself stuck",
     )
     projector_lease_ms: int = Field(
         default=5_000,
