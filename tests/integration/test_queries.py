@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 import subprocess
 import sys
 import threading
@@ -364,3 +365,56 @@ def test_orders_of_100_lines_read_back_in_order(wiring: Wiring, service: QuerySe
         (p, f"Part {n:03d}", 1 + n % 4) for n, p in enumerate(products)
     ]
     assert sum(line.line_total for line in order.lines) == order.total
+
+
+def test_a_cursor_belongs_to_its_sort(settings: Settings, wiring: Wiring) -> None:
+    """A cursor handed out for one sort order is refused with another (it used to start
+    the other index at a meaningless member: an empty page and exit 0)."""
+    _shop(wiring)
+    env = settings_env(settings)
+    page = run_cli_json("query", "products", "--sort", "name", "--limit", "2", env=env)
+    reused = run_cli(
+        "query", "products", "--sort", "price", "--cursor", page["next_cursor"], env=env
+    )
+    assert reused.returncode == 2 and reused.stdout == ""
+    assert reused.stderr.strip().splitlines() == ["error: cursor belongs to another sort"]
+    same = run_cli_json(
+        "query", "products", "--sort", "name", "--cursor", page["next_cursor"], env=env
+    )
+    assert [p["name"] for p in same["items"]][:1] == ["Item 02"]
+
+
+def test_query_ids_and_choices_are_checked_as_usage(settings: Settings) -> None:
+    """A malformed id is exit 2 (usage) in `query` as in the write commands, with nothing
+    read; `--sort` offers and checks its choices."""
+    env = settings_env(settings)
+    for command, field in (
+        ("product", "product_id"),
+        ("customer", "customer_id"),
+        ("order", "order_id"),
+        ("customer-orders", "customer_id"),
+    ):
+        result = run_cli("query", command, "not-a-uuid", "--json", env=env)
+        assert result.returncode == 2, (command, result.stderr)
+        assert result.stdout == ""
+        [line] = result.stderr.strip().splitlines()
+        assert line.startswith(f"error: invalid {field}: Input should be a valid UUID"), line
+    usage = run_cli("query", "products", "--help", env=env)
+    assert "name|price" in usage.stdout
+    bad = run_cli("query", "products", "--sort", "size", env=env)
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines() == [
+        "error: Invalid value for '--sort': 'size' is not one of 'name', 'price'."
+    ]
+
+
+def test_serve_on_a_busy_port_is_one_error_line(settings: Settings) -> None:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        result = run_cli("serve", "--port", str(port), env=settings_env(settings))
+    assert result.returncode == 1, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith(f"error: cannot listen on 127.0.0.1:{port}: "), line
+    assert "in use" in line.lower()
