@@ -57,6 +57,7 @@ import redis
 import sqlalchemy.exc
 from pydantic import ValidationError
 
+from bench.lifecycle import Children, Interrupted, interrupt_on_signals, kill_descendants
 from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
 from commands.customers import RegisterCustomer, RenameCustomer
 from commands.db import make_session_factory
@@ -151,6 +152,10 @@ class Servers:
 
     def __init__(self, home: Path) -> None:
         self.home = home
+        # `ensure` (a fault's restart) and `close` exclude each other, and nothing is
+        # started once closed: a restart racing the cleanup must not leave a server behind.
+        self.lock = threading.Lock()
+        self.closed = False
         started = embedded.ensure_started(home, timeout=120)
         self.database_url = started.database_url
         self.redis_url = started.redis_url
@@ -168,7 +173,10 @@ class Servers:
             time.sleep(0.05)
 
     def ensure(self) -> None:
-        started = embedded.ensure_started(self.home, timeout=120)
+        with self.lock:
+            if self.closed:
+                raise RuntimeError("the run is stopping: no server restart")
+            started = embedded.ensure_started(self.home, timeout=120)
         if (started.database_url, started.redis_url) != (self.database_url, self.redis_url):
             raise RuntimeError(
                 f"a server came back on another port ({started.database_url}, "
@@ -176,7 +184,9 @@ class Servers:
             )
 
     def stop(self) -> list[int]:
-        return embedded.stop(self.home)
+        with self.lock:
+            self.closed = True
+            return embedded.stop(self.home)
 
 
 # --------------------------------------------------------------------------- processes
@@ -197,9 +207,10 @@ class Managed:
 
 
 class Fleet:
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
+    def __init__(self, env: dict[str, str], log_dir: Path, children: Children) -> None:
         self.env = env
         self.log_dir = log_dir
+        self.children = children
         self.lock = threading.RLock()
         self.procs: dict[str, Managed] = {}
         self.unexpected: list[dict[str, Any]] = []
@@ -216,7 +227,7 @@ class Fleet:
             proc.offset = proc.log.stat().st_size if proc.log.exists() else 0
             with proc.log.open("ab") as out:
                 out.write(f"\n=== start {proc.starts + 1} at {time.time():.3f}\n".encode())
-                proc.popen = subprocess.Popen(
+                proc.popen = self.children.popen(
                     proc.argv,
                     env=self.env,
                     stdin=subprocess.DEVNULL,
@@ -296,15 +307,6 @@ class Fleet:
             except subprocess.TimeoutExpired:
                 codes[proc.name] = None
         return codes
-
-    def kill_all(self) -> None:
-        for proc in self.procs.values():
-            if proc.popen is not None and proc.popen.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    proc.popen.send_signal(signal.SIGCONT)
-                    proc.popen.kill()
-                with contextlib.suppress(subprocess.TimeoutExpired):
-                    proc.popen.wait(timeout=10)
 
 
 # --------------------------------------------------------------------------- writers
@@ -848,19 +850,18 @@ class Injector(threading.Thread):
 
         def run() -> None:
             try:
-                done = subprocess.run(
+                done = self.fleet.children.run(
                     [sys.executable, "-m", "cqrs.cli", "replay", name, "--yes", "--json"],
                     env=self.env,
-                    capture_output=True,
-                    text=True,
                     timeout=600,
-                    check=False,
                 )
                 outcome = "ok" if done.returncode == 0 else "refused"
                 if done.returncode != 0:
                     log(f"replay {name}: exit {done.returncode}: {done.stderr.strip()[-300:]}")
             except subprocess.TimeoutExpired:
                 outcome = "timeout"
+            except RuntimeError:
+                return  # the run is stopping
             with self.lock:
                 self.outcomes[f"replay:{outcome}"] += 1
 
@@ -897,15 +898,10 @@ class Injector(threading.Thread):
 # --------------------------------------------------------------------------- the run
 
 
-def _cli(env: dict[str, str], *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cqrs.cli", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+def _cli(
+    children: Children, env: dict[str, str], *args: str, timeout: float
+) -> subprocess.CompletedProcess[str]:
+    return children.run([sys.executable, "-m", "cqrs.cli", *args], env=env, timeout=timeout)
 
 
 def _count(database_url: str, sql: str) -> int:
@@ -914,16 +910,22 @@ def _count(database_url: str, sql: str) -> int:
 
 
 def run(config: Config) -> dict[str, Any]:
-    home = Path(tempfile.mkdtemp(prefix="cqrs-soak-"))
-    # The PostgreSQL user (we may be root) must reach the home, so everything stays inside it.
-    home.chmod(0o755)
-    log_dir = home / "logs"
-    log_dir.mkdir()
-    report: dict[str, Any] = {"seed": config.seed, "seconds": config.seconds, "home": str(home)}
+    """The run; however it ends (done, failed, or `Interrupted` by SIGTERM/SIGINT), every
+    process it started is gone and its temporary directories are removed (`_clean_up`)."""
+    report: dict[str, Any] = {"seed": config.seed, "seconds": config.seconds}
+    home: Path | None = None
     servers: Servers | None = None
     fleet: Fleet | None = None
+    children = Children()
     threads: list[Any] = []
     try:
+        home = Path(tempfile.mkdtemp(prefix="cqrs-soak-"))
+        report["home"] = str(home)
+        # The PostgreSQL user (we may be root) must reach the home, so everything stays
+        # inside it.
+        home.chmod(0o755)
+        log_dir = home / "logs"
+        log_dir.mkdir()
         servers = Servers(home)
         log(f"servers: {servers.database_url} {servers.redis_url} (home {home})")
         engine = make_engine(servers.database_url, pool_size=config.writers + 2)
@@ -939,7 +941,7 @@ def run(config: Config) -> dict[str, Any]:
             CQRS_RELAY_POLL_SECONDS="0.5",
             CQRS_STREAM_RETENTION=str(config.retention),
         )
-        fleet = Fleet(env, log_dir)
+        fleet = Fleet(env, log_dir, children)
         fleet.add("relay", "relay")
         for i in range(1, config.workers + 1):
             fleet.add(f"w{i}", "project", "--consumer", f"w{i}")
@@ -981,8 +983,8 @@ def run(config: Config) -> dict[str, Any]:
         log(f"processes stopped: {codes}")
 
         # Drain what is left and let PostgreSQL judge.
-        drained = _cli(env, "run", "--drain", timeout=1800)
-        verify = _cli(env, "verify", "--json", "--limit", "20", timeout=600)
+        drained = _cli(children, env, "run", "--drain", timeout=1800)
+        verify = _cli(children, env, "verify", "--json", "--limit", "20", timeout=600)
         try:
             verdict = json.loads(verify.stdout)
         except ValueError:
@@ -1090,20 +1092,48 @@ def run(config: Config) -> dict[str, Any]:
             _keep_logs(log_dir, report)
         return report
     finally:
-        for thread in threads:
-            if hasattr(thread, "halt"):
-                thread.halt.set()
-        if fleet is not None:
-            fleet.kill_all()
-            report["process_pids"] = sorted(
-                p.popen.pid for p in fleet.procs.values() if p.popen is not None
-            )
-        if servers is not None:
-            stopped = servers.stop()
-            report["server_pids"] = stopped
-            log(f"stopped embedded servers {stopped}")
-        if not config.keep:
-            shutil.rmtree(home, ignore_errors=True)
+        _clean_up(config, report, home, servers, fleet, children, threads)
+
+
+def _clean_up(
+    config: Config,
+    report: dict[str, Any],
+    home: Path | None,
+    servers: Servers | None,
+    fleet: Fleet | None,
+    children: Children,
+    threads: list[Any],
+) -> None:
+    """Halt the threads, kill every process started (restarts refused from now on), stop
+    the embedded servers (also when the signal came while they were starting: the state
+    file in the home records them), kill whatever is left below us, remove the home and
+    the directory embedded PostgreSQL may have used outside it (as root)."""
+    for thread in threads:
+        if hasattr(thread, "halt"):
+            thread.halt.set()
+    killed = children.close()
+    if fleet is not None:
+        report["process_pids"] = sorted(
+            p.popen.pid for p in fleet.procs.values() if p.popen is not None
+        )
+    if killed:
+        log(f"killed processes {killed}")
+    if home is None:
+        return
+    try:
+        stopped = servers.stop() if servers is not None else embedded.stop(home)
+        report["server_pids"] = stopped
+        log(f"stopped embedded servers {stopped}")
+    except embedded.EmbeddedError as exc:
+        log(f"could not stop the embedded servers: {exc}")
+    left = kill_descendants()
+    if left:
+        log(f"killed leftover processes {left}")
+    if not config.keep:
+        shutil.rmtree(home, ignore_errors=True)
+        # As root, PostgreSQL may run from a per-home directory in /var/tmp (see
+        # cqrs.embedded); it belongs to this run's home alone.
+        shutil.rmtree(embedded._external_root(home), ignore_errors=True)
 
 
 def _keep_logs(log_dir: Path, report: dict[str, Any]) -> None:
@@ -1201,7 +1231,12 @@ def main(argv: list[str] | None = None) -> int:
         json_path=args.json,
     )
     log(f"seed {seed}, {seconds:.0f} s; faults: {len(fault_schedule(config))} planned")
-    report = run(config)
+    try:
+        with interrupt_on_signals():
+            report = run(config)
+    except Interrupted as exc:
+        log(f"{exc}: every process of the run stopped and its directories removed")
+        return exc.exit_code
     text = render(report)
     print(text, flush=True)
     if args.json is not None:
