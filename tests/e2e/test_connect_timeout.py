@@ -54,8 +54,9 @@ def silent_port() -> Iterator[int]:
         ("product", "create", "--sku", "T-1", "--name", "T", "--price", "1.00"),
         ("db", "upgrade"),
         ("verify",),
+        ("demo", "--yes"),
     ],
-    ids=["product-create", "db-upgrade", "verify"],
+    ids=["product-create", "db-upgrade", "verify", "demo"],
 )
 def test_silent_database_port_fails_fast_with_the_masked_url(
     silent_port: int, cli_env: dict[str, str], args: tuple[str, ...]

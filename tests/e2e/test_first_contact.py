@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,7 +17,7 @@ import pytest
 
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
-from tests.helpers import run_cli
+from tests.helpers import run_cli, wait_until
 
 
 def event_count(database_url: str) -> int:
@@ -74,3 +77,29 @@ def test_missing_redis_database_index_is_one_line(cli_env: dict[str, str]) -> No
         assert len(lines) == 1, (args, result.stderr)
         assert lines[0].startswith("error: ") and "redis://127.0.0.1:6379/99" in lines[0]
         assert "Traceback" not in result.stderr
+
+
+def test_run_starts_with_one_summary_line_not_one_per_partition(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
+    log = tmp_path / "run.log"
+    with log.open("w") as stderr:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "cqrs.cli", "run"],
+            env=cli_env,
+            stdout=subprocess.DEVNULL,
+            stderr=stderr,
+        )
+    try:
+        wait_until(lambda: "relay: active" in log.read_text(), timeout=30, what="the relay")
+        wait_until(
+            lambda: run_cli("status", "--json", env=cli_env).stdout.count('"live_workers":1') >= 1,
+            timeout=30,
+            what="the worker's slots",
+        )
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    text = log.read_text()
+    assert text.count("running the relay and") == 1, text
+    assert "took " not in text, text
