@@ -155,7 +155,7 @@ def test_parked_successor_is_retried_from_the_cli(poison_wiring: Wiring) -> None
         )
     relay_all(wiring)
     drain(wiring)
-    letters = run_cli_json("dlq", "list", "-p", "products", env=env)
+    letters = run_cli_json("dlq", "list", "-p", "products", env=env)["items"]
     assert [d["fields"]["version"] for d in letters] == ["2"]
     assert "predecessor" in letters[0]["error"]
     shown = run_cli_json("dlq", "show", letters[0]["id"], "-p", "products", env=env)
@@ -173,7 +173,7 @@ def test_parked_successor_is_retried_from_the_cli(poison_wiring: Wiring) -> None
     view = wiring.keys.views("products", 1).product(created.id)
     assert wiring.redis.hgetall(view)["name"] == "Renamed"
     assert wiring.redis.hget(view, "version") == str(renamed.version)
-    assert run_cli_json("dlq", "list", "-p", "products", env=env) == []
+    assert run_cli_json("dlq", "list", "-p", "products", env=env)["items"] == []
     assert differences(wiring) == []
 
     missing = run_cli("dlq", "show", "0-1", "-p", "products", env=env)
