@@ -215,7 +215,13 @@ def projection_status(
         pause_ms=int(pause_ms),
     )
     # Rebuilding or broken (`status` set): lag and stalls say nothing more about it.
-    if not status and lag == 0 and pending == 0:
+    stuck = progress.get("stuck")
+    if not status and stuck and progress.get("stuck_consumer") in fresh:
+        # A live worker's busy-loop guard tripped (projector.worker: `_check_progress`);
+        # the record of a worker that died since is left out with the worker.
+        status = STALLED
+        reason = f"worker {progress['stuck_consumer']} is backing off: {stuck}"
+    elif not status and lag == 0 and pending == 0:
         status = CAUGHT_UP
     elif not status:
         quiet = min(

@@ -249,6 +249,10 @@ def test_a_worker_making_no_progress_backs_off_and_says_why(
             reason = wiring.redis.hget(progress, "stuck")
             assert "no progress in 5 reads" in reason and "backing off" in reason
             assert wiring.redis.hget(progress, "stuck_consumer") == "spinner"
+            shown = run_cli("status", "--json", "-p", "products", env=settings_env(wiring.settings))
+            products = json.loads(shown.stdout)["projections"]["products"]
+            assert products["state"] == "stalled", products
+            assert "spinner is backing off" in products["reason"]
             # Backing off: over the next 2 s the entry is delivered a handful of times,
             # where a spinning loop delivers it thousands of times.
             before = deliveries(wiring, stream, bad)
