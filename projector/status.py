@@ -321,15 +321,17 @@ def _setup_state(
         )
     if served == recorded:
         return "", ""
+    if not served:
+        return BROKEN, (
+            f"no live generation: {gen_key} is missing, so queries find no views, while "
+            f"workers keep generation {recorded} ({state_key}) up to date; a live worker "
+            f"restores it from {state_key} at its next read (or `cqrs replay {name}` "
+            "rebuilds the views and writes it again)"
+        )
     remedy = (
         f"nothing restores it on its own: `cqrs replay {name}` rebuilds the views and "
         "writes it again"
     )
-    if not served:
-        return BROKEN, (
-            f"no live generation: {gen_key} is missing, so queries find no views, while "
-            f"workers keep generation {recorded} ({state_key}) up to date; {remedy}"
-        )
     return BROKEN, (
         f"queries read generation {served} ({gen_key}) but workers write generation "
         f"{recorded} ({state_key}); {remedy}"

@@ -48,6 +48,8 @@ from projector.steps import Step, run_steps
 
 log = logging.getLogger(__name__)
 
+# Commands per projection in `_status_commands`.
+_STATUS_COMMANDS = 4
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -194,13 +196,15 @@ class Worker:
         self._apply_status(round_trip(self.redis, self._status_commands()))
 
     def _status_commands(self) -> list[tuple[Any, ...]]:
-        """Per projection: its state hash, its pause flag, its replay lock."""
+        """Per projection: its state hash, its pause flag, its replay lock, and the
+        generation key queries read (`_STATUS_COMMANDS` of them)."""
         commands: list[tuple[Any, ...]] = []
         for projection in self.projections:
             commands += [
                 ("HGETALL", self.keys.projection_state(projection.name)),
                 ("EXISTS", self.keys.pause(projection.name)),
                 ("EXISTS", self.keys.replay_lock(projection.name)),
+                ("GET", self.keys.generation(projection.name)),
             ]
         return commands
 
@@ -213,7 +217,8 @@ class Worker:
         self.rebuilding.clear()
         self.newer.clear()
         for i, projection in enumerate(self.projections):
-            raw_state, paused, replaying = results[3 * i : 3 * i + 3]
+            n = _STATUS_COMMANDS * i
+            raw_state, paused, replaying, served = results[n : n + _STATUS_COMMANDS]
             state = hash_fields(raw_state)  # a dict (RESP3) or a flat list (RESP2)
             name = projection.name
             built = int(state.get("version", 0)) if state.get("generation") else 0
@@ -237,10 +242,28 @@ class Worker:
             elif not paused:
                 self.active.add(name)
                 self.views[name] = self.keys.views(name, int(state["generation"]))
+                if served is None and not replaying:
+                    self._restore_generation_key(name, state["generation"])
         for key, slot in list(self.owned.items()):
             if slot.projection.name not in self.active:
                 self._release(slot)
                 del self.owned[key]
+
+    def _restore_generation_key(self, name: str, generation: str) -> None:
+        """The state hash records live views but the key queries read is gone (a crash
+        between the two writes of `write_state`, or a stray DEL): queries would find no
+        views while we keep them up to date. Restore it from the state hash. SET NX, so
+        a replay switching meanwhile (it writes the key after the hash, plainly) always
+        has the last word."""
+        if self.redis.set(self.keys.generation(name), generation, nx=True):
+            log.warning(
+                "%s: %s was missing; restored it to generation %s from %s",
+                name,
+                self.keys.generation(name),
+                generation,
+                self.keys.projection_state(name),
+                extra={**self._log, "projection": name},
+            )
 
     def maintain(self, *, drain: bool = False, force: bool = False, status: bool = True) -> None:
         """Heartbeat, renew held leases, take free slots up to a fair share, give back extras.
@@ -419,7 +442,7 @@ class Worker:
             commands.append(self._xreadgroup(slot))
             plan.append((slot, "new"))
         results = round_trip(self.redis, commands)
-        n_status = 3 * len(self.projections)
+        n_status = _STATUS_COMMANDS * len(self.projections)
         # The status comes in the same round trip: entries of a projection that is no
         # longer active (paused for a switch, to be rebuilt) are left pending, unapplied;
         # whoever holds the slot next claims them (a slot is taken over "recovering").
@@ -480,7 +503,7 @@ class Worker:
         commands = self._status_commands()
         commands += [self._xreadgroup(slot) for slot in slots]
         results = round_trip(self.redis, commands)
-        n_status = 3 * len(self.projections)
+        n_status = _STATUS_COMMANDS * len(self.projections)
         self._apply_status(results[:n_status])
         entries: list[Entry] = []
         for slot, result in zip(slots, results[n_status:], strict=True):
