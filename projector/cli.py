@@ -456,7 +456,13 @@ def _age(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m"
 
 
-_STATE_STYLE = {"caught up": "green", "behind": "yellow", "rebuilding": "cyan", "stalled": "red"}
+_STATE_STYLE = {
+    "caught up": "green",
+    "behind": "yellow",
+    "rebuilding": "cyan",
+    "stalled": "red",
+    "broken": "bold red",
+}
 _NUMERIC = {"gen", "stream", "lag", "pending", "workers", "dlq", "idle", "heartbeat"}
 
 
