@@ -139,11 +139,13 @@ def wait_until_reachable(
     unavailable: Callable[[BaseException], bool],
     stop: threading.Event,
     deadline: float | None,
+    level: int = logging.WARNING,
 ) -> T:
     """`attempt()` until it succeeds, waiting with bounded exponential back-off while it
     fails with an error `unavailable` accepts.
 
-    Logs the wait once (with the first reason) and once more when the server answers.
+    Logs the wait once at `level` (with the first reason) and once more when the server
+    answers.
     Raises `StartupStopped` when `stop` is set, `ServerUnreachable` at `deadline`
     (time.monotonic()), and any other error of `attempt` at once (a wrong password is not
     waited for)."""
@@ -165,7 +167,7 @@ def wait_until_reachable(
             if deadline is None
             else f"giving up after {_seconds(deadline - started)} (CQRS_STARTUP_TIMEOUT)"
         )
-        log.warning("waiting for %s at %s (%s); retrying, %s", what, shown, reason, limit)
+        log.log(level, "waiting for %s at %s (%s); retrying, %s", what, shown, reason, limit)
 
     def sleep(seconds: float) -> None:
         if deadline is not None:
@@ -199,20 +201,43 @@ def wait_until_reachable(
             f"cannot reach {what} at {shown}: {_first_line(exc)}{waited_for}"
         ) from exc
     if waited:
-        log.info("%s at %s answers after %.1fs", what, shown, time.monotonic() - started)
+        log.log(
+            min(level, logging.INFO),
+            "%s at %s answers after %.1fs",
+            what,
+            shown,
+            time.monotonic() - started,
+        )
     return result
 
 
 def wait_for_redis(
-    client: redis.Redis, url: str, *, stop: threading.Event, deadline: float | None
+    client: redis.Redis,
+    url: str,
+    *,
+    stop: threading.Event,
+    deadline: float | None,
+    level: int = logging.WARNING,
 ) -> None:
     """Until Redis answers PING (a loading Redis answers LOADING, which waits too)."""
     wait_until_reachable(
-        "Redis", url, client.ping, unavailable=redis_unavailable, stop=stop, deadline=deadline
+        "Redis",
+        url,
+        client.ping,
+        unavailable=redis_unavailable,
+        stop=stop,
+        deadline=deadline,
+        level=level,
     )
 
 
-def wait_for_postgres(database_url: str, *, stop: threading.Event, deadline: float | None) -> None:
+def wait_for_postgres(
+    database_url: str,
+    *,
+    stop: threading.Event,
+    deadline: float | None,
+    level: int = logging.WARNING,
+) -> None:
     """Until PostgreSQL accepts a connection to our database."""
 
     def attempt() -> None:
@@ -226,6 +251,7 @@ def wait_for_postgres(database_url: str, *, stop: threading.Event, deadline: flo
         unavailable=postgres_unavailable,
         stop=stop,
         deadline=deadline,
+        level=level,
     )
 
 
@@ -236,12 +262,14 @@ def prepare_to_start(
     and Redis within one start-up deadline, then refuse an evicting Redis.
 
     Raises `StartupStopped`, `ServerUnreachable` or `EvictionRefused` (see the CLI for the
-    exit codes: 0, 1, 2)."""
+    exit codes: 0, 1, 2). A one-shot run logs its wait at DEBUG only: a failed command
+    prints exactly one `error:` line, which then says how long it waited."""
     timeout = startup_timeout(wiring.settings, long_running=long_running)
     deadline = None if timeout is None else time.monotonic() + timeout
+    level = logging.WARNING if long_running else logging.DEBUG
     if postgres:
-        wait_for_postgres(wiring.database_url, stop=stop, deadline=deadline)
-    wait_for_redis(wiring.redis, wiring.redis_url, stop=stop, deadline=deadline)
+        wait_for_postgres(wiring.database_url, stop=stop, deadline=deadline, level=level)
+    wait_for_redis(wiring.redis, wiring.redis_url, stop=stop, deadline=deadline, level=level)
     refuse_evicting_redis(wiring.redis, wiring.settings)
 
 
