@@ -30,7 +30,6 @@ from cqrs.cli import (
     fail_unreachable,
     load_settings,
     metrics_port_option,
-    partition_takes_at_debug,
     start_metrics_or_fail,
 )
 from cqrs.console import EXIT_USAGE, fail, out, print_json, validation_message
@@ -401,7 +400,6 @@ def run_command_(
             relay.metrics = worker.metrics = metrics
             metrics.add_gauges(lambda: outbox_gauges(relay))
             add_projection_gauges(metrics, wiring, list(PROJECTIONS.values()))
-        partition_takes_at_debug()
         log.info(
             "running the relay and %d projections (%s) over %d partitions as consumer %s",
             len(PROJECTIONS),

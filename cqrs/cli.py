@@ -258,27 +258,6 @@ def unreachable_message(exc: BaseException) -> str | None:
     return None
 
 
-class _PartitionTakesAtDebug(logging.Filter):
-    """A worker logs each (projection, partition) it takes at INFO: 24 lines before
-    anything else on a start-up of `cqrs run`. Shown at DEBUG only; the command logs one
-    summary line instead."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        if record.msg != "took %s partition %d":
-            return True
-        if not logging.getLogger().isEnabledFor(logging.DEBUG):
-            return False
-        record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-        return True
-
-
-def partition_takes_at_debug() -> None:
-    """Install `_PartitionTakesAtDebug` once on the worker's logger."""
-    worker_log = logging.getLogger("projector.worker")
-    if not any(isinstance(f, _PartitionTakesAtDebug) for f in worker_log.filters):
-        worker_log.addFilter(_PartitionTakesAtDebug())
-
-
 def fail_unreachable(exc: BaseException) -> NoReturn:
     """Exit 1 with the one line `unreachable_message` gives for a server error (naming the
     masked URL), for commands that catch driver errors themselves; anything else is

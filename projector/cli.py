@@ -201,12 +201,18 @@ def dlq_show(
 
 @dlq_app.command("retry")
 def dlq_retry(
-    ids: list[str] = typer.Argument(None, metavar="[ID]..."),
+    ids: list[str] = typer.Argument(
+        None, metavar="ID", help="Dead letters to apply again (or --all)."
+    ),
     projection: str = PROJECTION_OPTION,
     all_: bool = typer.Option(False, "--all", help="Retry every dead letter, oldest first."),
-    json_output: bool = typer.Option(False, "--json"),
+    json_output: bool = typer.Option(
+        False, "--json", help='One JSON object: {"retried": [ids], "failed": [{id, error}]}.'
+    ),
 ) -> None:
-    """Apply dead letters again (after the cause was fixed); the ones that apply are removed."""
+    """Apply dead letters again (after the cause was fixed); the ones that apply are removed.
+    One that fails again stays, filed anew with its delivery count raised and the new
+    error (exit 1)."""
     chosen = select_projections([projection])[0]
     wiring = Wiring(load_settings())
     try:

@@ -373,7 +373,7 @@ class Worker:
         stream = self.keys.stream(partition)
         self._ensure_group(stream, projection.name)
         self.owned[(projection.name, partition)] = Slot(projection, partition, stream, lease)
-        log.info(
+        log.debug(  # one line per slot: `cqrs run` logs a summary instead
             "took %s partition %d",
             projection.name,
             partition,
