@@ -29,7 +29,7 @@ import time
 from cqrs.keys import KeyMap
 from cqrs.urls import libpq_url, mask_url, redis_url
 
-# The relay's backlog, as `cqrs status` computes it (projector/status.py relay_status).
+# The relay's backlog: the one query for it (`cqrs status` uses it too).
 OUTBOX_BACKLOG_SQL = (
     "SELECT count(*), extract(epoch FROM now() - min(e.occurred_at))"
     " FROM events.outbox o JOIN events.event_log e ON e.position = o.position"

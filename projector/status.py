@@ -39,6 +39,7 @@ from typing import Any
 import psycopg
 import redis
 
+from cqrs.health import OUTBOX_BACKLOG_SQL
 from cqrs.keys import KeyMap
 from cqrs.metrics import Gauge
 from cqrs.settings import Settings
@@ -387,10 +388,7 @@ def relay_status(database_url: str | None) -> RelayStatus:
         return RelayStatus(False, error="no database configured (CQRS_DATABASE_URL)")
     try:
         with psycopg.connect(libpq_url(database_url), connect_timeout=3) as conn:
-            count, age = conn.execute(
-                "SELECT count(*), extract(epoch FROM now() - min(e.occurred_at))"
-                " FROM events.outbox o JOIN events.event_log e ON e.position = o.position"
-            ).fetchone()
+            count, age = conn.execute(OUTBOX_BACKLOG_SQL).fetchone()
     except psycopg.errors.UndefinedTable:
         return RelayStatus(False, error="the write-side schema does not exist (cqrs db upgrade)")
     except psycopg.Error as exc:
