@@ -39,6 +39,7 @@ from cqrs.events import EventError, EventHeader, Payload, parse_stream_entry
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.redisio import hash_fields, round_trip
 from cqrs.settings import Settings
+from cqrs.startup import EvictionWatch
 from cqrs.streams import parse_entry_id, stream_partitions
 from projector.deadletters import DeadLetter, dead_letter_fields
 from projector.projection import Projection
@@ -158,6 +159,11 @@ class Worker:
         # Last error per pending entry, carried into its dead letter.
         self._last_errors: dict[tuple[str, str, str], str] = {}
         self._stuck_reads = 0  # reads in a row with entries and no progress
+        # Says so loudly if Redis starts evicting while we run (a start on an evicting
+        # Redis is refused by the entry points, `cqrs.startup`).
+        self.eviction_watch = EvictionWatch(
+            client, every=settings.eviction_check_seconds, allowed=settings.allow_eviction
+        )
         # Instrumentation: None = metrics off (the hot path then only skips a branch).
         self.metrics: WorkerMetrics | None = None
         self._batch_applied: dict[tuple[str, str], int] = {}
@@ -950,6 +956,7 @@ class Worker:
                 try:
                     if self.needs_build and self.build_missing(stop):
                         continue
+                    self.eviction_watch.poll()
                     progress_before = self.stats.acked + self.stats.dead_lettered
                     handled = self.run_once(drain=drain)
                     backoff = 0.1

@@ -271,6 +271,33 @@ def test_running_relay_says_so_when_the_policy_changes(settings: Settings, tmp_p
         assert relay.returncode == 0, procs.log_of(relay)
 
 
+def test_running_worker_says_so_when_the_policy_changes(settings: Settings, tmp_path: Path) -> None:
+    with processes(tmp_path) as procs:
+        _proc, url = start_redis(procs, tmp_path, "--maxmemory-policy", "noeviction")
+        env = settings_env(settings)
+        env.update(CQRS_REDIS_URL=url, CQRS_EVICTION_CHECK_SECONDS="0.2")
+        worker = procs.cqrs("worker", "project", env=env)
+        client = redis.Redis.from_url(url, decode_responses=True)
+        keys = KeyMap(settings.namespace)
+        wait_until(
+            lambda: client.zcard(keys.workers("products")) > 0, timeout=30, what="a heartbeat"
+        )
+        client.config_set("maxmemory-policy", "allkeys-lru")
+        wait_until(
+            lambda: "Redis may now evict our keys" in procs.log_of(worker),
+            timeout=30,
+            what="the error about the new policy",
+        )
+        client.config_set("maxmemory-policy", "noeviction")
+        wait_until(
+            lambda: "no longer evicts" in procs.log_of(worker), timeout=30, what="the all-clear"
+        )
+        client.close()
+        assert procs.log_of(worker).count("Redis may now evict our keys") == 1
+        procs.stop(worker)
+        assert worker.returncode == 0, procs.log_of(worker)
+
+
 def test_eviction_watch_for_a_worker_loop(tmp_path: Path) -> None:
     """The function a worker's loop calls: rate-limited, loud once per change."""
     with processes(tmp_path) as procs:
