@@ -16,11 +16,14 @@ COPY constraints.txt ./
 RUN pip install -r constraints.txt
 
 COPY pyproject.toml README.md ./
+# Every folder that maps into the one `cqrs` package (pyproject.toml `package-dir`);
+# bench/ is not installed.
 COPY cqrs ./cqrs
 COPY commands ./commands
+COPY relay ./relay
 COPY projector ./projector
 COPY queries ./queries
-COPY bench ./bench
+COPY app ./app
 # --no-deps: everything it needs is in the layer above (`pip check` proves it).
 RUN pip install --no-deps . && pip check && rm -rf /src
 

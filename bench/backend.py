@@ -70,7 +70,7 @@ class BenchBackend:
         self.close()
 
     def create(self) -> None:
-        from commands.migrations import upgrade
+        from cqrs.commands.migrations import upgrade
 
         try:
             with psycopg.connect(libpq_url(self.server_url), autocommit=True) as conn:

@@ -58,22 +58,22 @@ import sqlalchemy.exc
 from pydantic import ValidationError
 
 from bench.lifecycle import Children, Interrupted, interrupt_on_signals, kill_descendants
-from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.db import make_session_factory
-from commands.errors import CommandRejected
-from commands.handlers import execute
-from commands.migrations import upgrade
-from commands.orders import CancelOrder, PlaceOrder, ShipOrder
 from cqrs import embedded
+from cqrs.commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.errors import CommandRejected
+from cqrs.commands.handlers import execute
+from cqrs.commands.migrations import upgrade
+from cqrs.commands.orders import CancelOrder, PlaceOrder, ShipOrder
 from cqrs.keys import KeyMap
+from cqrs.projector.deadletters import list_dead_letters
+from cqrs.queries.errors import NotFound, QueryError
+from cqrs.queries.service import QueryService
 from cqrs.settings import Settings
 from cqrs.streams import group_lag
 from cqrs.urls import libpq_url
 from cqrs.wiring import make_engine, make_redis
-from projector.deadletters import list_dead_letters
-from queries.errors import NotFound, QueryError
-from queries.service import QueryService
 
 NAMESPACE = "soak"
 PROJECTIONS = ("products", "customers", "orders")
@@ -216,7 +216,7 @@ class Fleet:
         self.unexpected: list[dict[str, Any]] = []
 
     def add(self, name: str, *args: str) -> Managed:
-        argv = [sys.executable, "-m", "cqrs.cli", *args]
+        argv = [sys.executable, "-m", "cqrs.app", *args]
         proc = Managed(name, argv, self.log_dir / f"{name}.log")
         self.procs[name] = proc
         self.start(proc)
@@ -851,7 +851,7 @@ class Injector(threading.Thread):
         def run() -> None:
             try:
                 done = self.fleet.children.run(
-                    [sys.executable, "-m", "cqrs.cli", "replay", name, "--yes", "--json"],
+                    [sys.executable, "-m", "cqrs.app", "replay", name, "--yes", "--json"],
                     env=self.env,
                     timeout=600,
                 )
@@ -901,7 +901,7 @@ class Injector(threading.Thread):
 def _cli(
     children: Children, env: dict[str, str], *args: str, timeout: float
 ) -> subprocess.CompletedProcess[str]:
-    return children.run([sys.executable, "-m", "cqrs.cli", *args], env=env, timeout=timeout)
+    return children.run([sys.executable, "-m", "cqrs.app", *args], env=env, timeout=timeout)
 
 
 def _count(database_url: str, sql: str) -> int:

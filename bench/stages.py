@@ -31,12 +31,12 @@ from bench.backend import BenchBackend
 from bench.scenarios.commands import Shop
 from bench.scenarios.projection import prepare_live
 from bench.stats import percentile
-from commands.db import make_session_factory
-from commands.relay import Relay
+from cqrs.commands.db import make_session_factory
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
+from cqrs.relay.outbox import Relay
 from cqrs.wiring import make_engine, make_redis
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
 
 STAGES = ("command", "relay pass", "projector batch", "query check")
 

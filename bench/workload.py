@@ -40,13 +40,13 @@ from typing import Protocol
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
-from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.db import make_session_factory
-from commands.errors import CommandRejected
-from commands.handlers import execute
-from commands.orders import CancelOrder, OrderItem, PlaceOrder, ShipOrder
-from commands.results import CommandResult
+from cqrs.commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.errors import CommandRejected
+from cqrs.commands.handlers import execute
+from cqrs.commands.orders import CancelOrder, OrderItem, PlaceOrder, ShipOrder
+from cqrs.commands.results import CommandResult
 
 __all__ = ["COMMAND_WEIGHTS", "WorkloadReport", "generate"]
 

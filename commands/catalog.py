@@ -7,10 +7,10 @@ from decimal import Decimal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from commands.errors import Duplicate, InsufficientStock, NotFound
-from commands.fields import MAX_STOCK, Name, Price, Sku
-from commands.results import CommandResult
-from commands.uow import UnitOfWork
+from cqrs.commands.errors import Duplicate, InsufficientStock, NotFound
+from cqrs.commands.fields import MAX_STOCK, Name, Price, Sku
+from cqrs.commands.results import CommandResult
+from cqrs.commands.uow import UnitOfWork
 from cqrs.events import ProductCreated, ProductRenamed, ProductRepriced, ProductRestocked
 
 

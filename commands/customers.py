@@ -8,12 +8,12 @@ from typing import Any
 import psycopg
 from pydantic import EmailStr, Field
 
-from commands.catalog import Command
-from commands.db import MAX_EMAIL
-from commands.errors import Duplicate, NotFound
-from commands.fields import Name
-from commands.results import CommandResult
-from commands.uow import UnitOfWork
+from cqrs.commands.catalog import Command
+from cqrs.commands.db import MAX_EMAIL
+from cqrs.commands.errors import Duplicate, NotFound
+from cqrs.commands.fields import Name
+from cqrs.commands.results import CommandResult
+from cqrs.commands.uow import UnitOfWork
 from cqrs.events import CustomerRegistered, CustomerRenamed
 
 

@@ -8,7 +8,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, Field
 
-from commands.db import MAX_NAME, MAX_SKU
+from cqrs.commands.db import MAX_NAME, MAX_SKU
 
 MAX_PRICE = Decimal("9999999999.99")
 MAX_QTY = 1_000_000

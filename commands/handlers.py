@@ -18,10 +18,10 @@ from sqlalchemy import Engine
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.orm import sessionmaker
 
-from commands import catalog, customers, orders
-from commands.errors import Conflict, StaleVersion
-from commands.results import CommandResult
-from commands.uow import EVENT_VERSION_TAKEN, UnitOfWork
+from cqrs.commands import catalog, customers, orders
+from cqrs.commands.errors import Conflict, StaleVersion
+from cqrs.commands.results import CommandResult
+from cqrs.commands.uow import EVENT_VERSION_TAKEN, UnitOfWork
 
 Handler = Callable[[Any, UnitOfWork], CommandResult]
 

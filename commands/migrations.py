@@ -152,3 +152,10 @@ def upgrade(engine: Engine) -> list[int]:
             )
             applied.append(version)
     return applied
+
+
+def ensure_schema(engine: Engine) -> None:
+    """Migrate to the latest version if the database is behind (every process that may be
+    first to touch a fresh database calls this; a current schema costs one query)."""
+    if current_version(engine) < LATEST_VERSION:
+        upgrade(engine)

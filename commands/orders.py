@@ -15,12 +15,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from commands.catalog import Command
-from commands.db import MAX_ORDER_LINES
-from commands.errors import Duplicate, InsufficientStock, InvalidTransition, NotFound
-from commands.fields import Quantity
-from commands.results import CommandResult
-from commands.uow import UnitOfWork, json_text
+from cqrs.commands.catalog import Command
+from cqrs.commands.db import MAX_ORDER_LINES
+from cqrs.commands.errors import Duplicate, InsufficientStock, InvalidTransition, NotFound
+from cqrs.commands.fields import Quantity
+from cqrs.commands.results import CommandResult
+from cqrs.commands.uow import UnitOfWork, json_text
 from cqrs.events import (
     OrderCancelled,
     OrderLine,

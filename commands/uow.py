@@ -35,10 +35,9 @@ from sqlalchemy import Engine
 from sqlalchemy.engine.interfaces import PoolProxiedConnection
 from sqlalchemy.orm import sessionmaker
 
-from commands.errors import CommandRejected, StaleVersion
+from cqrs.commands.errors import CommandRejected, StaleVersion
+from cqrs.eventlog import NOTIFY_CHANNEL
 from cqrs.events import SCHEMA_VERSION, EventEnvelope, Payload, payload_json
-
-NOTIFY_CHANNEL = "cqrs_outbox"
 
 # Unique (aggregate_type, aggregate_id, aggregate_version): two commands wrote the same
 # version of one aggregate. For a command creating an aggregate (version 1) it means the id

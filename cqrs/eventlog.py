@@ -1,5 +1,5 @@
-"""Reading the PostgreSQL event log: shared by the relay (write side) and replays
-(projector), which must not depend on each other."""
+"""The PostgreSQL event log as the sides share it: the commands write it, the relay
+publishes it, replays (projector) read it; none of them depends on another."""
 
 from __future__ import annotations
 
@@ -7,6 +7,9 @@ import json
 from typing import Any
 
 from cqrs.events import EventEnvelope
+
+# The channel a committing command NOTIFYs (after commit) and the relay LISTENs on.
+NOTIFY_CHANNEL = "cqrs_outbox"
 
 # Column order expected by `envelope_from_row`.
 LOG_COLUMNS = (

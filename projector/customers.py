@@ -22,8 +22,8 @@ from cqrs.events import (
     OrderShipped,
 )
 from cqrs.keys import ViewKeys
-from projector.projection import Projection, cents
-from projector.steps import NEED_GATE, NEED_TARGET, Step, apply
+from cqrs.projector.projection import Projection, cents
+from cqrs.projector.steps import NEED_GATE, NEED_TARGET, Step, apply
 
 
 def on_registered(event: EventHeader, p: CustomerRegistered, views: ViewKeys) -> list[Step]:

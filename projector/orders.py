@@ -45,8 +45,8 @@ from cqrs.events import (
     OrderShipped,
 )
 from cqrs.keys import ViewKeys
-from projector.projection import Projection
-from projector.steps import NEED_GATE, Step, apply, command, script
+from cqrs.projector.projection import Projection
+from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
 
 LINE_ATTRIBUTES = ("product_id", "name", "unit_price", "qty", "line_total")
 

@@ -23,8 +23,8 @@ from cqrs.events import (
     StockReserved,
 )
 from cqrs.keys import ViewKeys
-from projector.projection import Projection, cents
-from projector.steps import NEED_GATE, Step, apply, command, script
+from cqrs.projector.projection import Projection, cents
+from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
 
 NAME_SEPARATOR = "\x00"
 

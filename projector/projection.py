@@ -19,7 +19,7 @@ from cqrs.events import (
     parse_stream_entry,
 )
 from cqrs.keys import ViewKeys
-from projector.steps import Step
+from cqrs.projector.steps import Step
 
 Handler = Callable[[EventHeader, Payload, ViewKeys], list[Step]]
 

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from projector.customers import CUSTOMERS
-from projector.orders import ORDERS
-from projector.products import PRODUCTS
-from projector.projection import Projection
+from cqrs.projector.customers import CUSTOMERS
+from cqrs.projector.orders import ORDERS
+from cqrs.projector.products import PRODUCTS
+from cqrs.projector.projection import Projection
 
 PROJECTIONS: dict[str, Projection] = {p.name: p for p in (PRODUCTS, CUSTOMERS, ORDERS)}

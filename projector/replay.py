@@ -36,15 +36,15 @@ import redis
 from cqrs.eventlog import LOG_COLUMNS, envelope_from_row
 from cqrs.events import EventEnvelope
 from cqrs.keys import KeyMap, ViewKeys
+from cqrs.projector.deadletters import dead_letter_fields
+from cqrs.projector.projection import Projection
+from cqrs.projector.scripts import Scripts
+from cqrs.projector.state import ProjectionState, live_generation, read_state, write_state
+from cqrs.projector.steps import Step, run_steps
+from cqrs.projector.worker import tune_gc
 from cqrs.settings import Settings
 from cqrs.streams import stream_partitions
 from cqrs.urls import libpq_url
-from projector.deadletters import dead_letter_fields
-from projector.projection import Projection
-from projector.scripts import Scripts
-from projector.state import ProjectionState, live_generation, read_state, write_state
-from projector.steps import Step, run_steps
-from projector.worker import tune_gc
 
 _TYPE_COLUMN = [c.strip() for c in LOG_COLUMNS.split(",")].index("event_type")
 _POSITION_COLUMN = [c.strip() for c in LOG_COLUMNS.split(",")].index("position")

@@ -42,10 +42,10 @@ import redis
 from cqrs.health import OUTBOX_BACKLOG_SQL
 from cqrs.keys import KeyMap
 from cqrs.metrics import Gauge
+from cqrs.projector.projection import Projection
 from cqrs.settings import Settings
 from cqrs.streams import PartitionGroup, parse_entry_id, partition_groups
 from cqrs.urls import libpq_url, mask_url
-from projector.projection import Projection
 
 CAUGHT_UP, BEHIND, REBUILDING, STALLED = "caught up", "behind", "rebuilding", "stalled"
 BROKEN = "broken"

@@ -20,8 +20,8 @@ from typing import Any
 import redis
 from redis.exceptions import DataError, NoScriptError
 
+from cqrs.projector.scripts import Scripts
 from cqrs.redisio import pack, read_replies, round_trip
-from projector.scripts import Scripts
 
 # Version-gate statuses (projector.scripts): MISSING is a gap too, of another kind: the
 # view (or the aggregate record) an event updates does not exist, so the event that creates

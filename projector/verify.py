@@ -24,9 +24,15 @@ import psycopg
 import redis
 
 from cqrs.keys import KeyMap, ViewKeys
+from cqrs.projector.orders import LINE_ATTRIBUTES, line_field, order_member
+from cqrs.projector.products import (
+    REINDEX_NAME,
+    REINDEX_PRICE,
+    REINDEX_TOP,
+    name_member,
+    price_member,
+)
 from cqrs.urls import libpq_url
-from projector.orders import LINE_ATTRIBUTES, line_field, order_member
-from projector.products import REINDEX_NAME, REINDEX_PRICE, REINDEX_TOP, name_member, price_member
 
 
 @dataclass(frozen=True)

@@ -37,15 +37,15 @@ import redis
 
 from cqrs.events import EventError, EventHeader, Payload, parse_stream_entry
 from cqrs.keys import KeyMap, ViewKeys
+from cqrs.projector.deadletters import DeadLetter, dead_letter_fields
+from cqrs.projector.projection import Projection
+from cqrs.projector.scripts import Scripts
+from cqrs.projector.state import live_generation
+from cqrs.projector.steps import Step, run_steps
 from cqrs.redisio import hash_fields, round_trip
 from cqrs.settings import Settings
 from cqrs.startup import EvictionWatch
 from cqrs.streams import parse_entry_id, stream_partitions
-from projector.deadletters import DeadLetter, dead_letter_fields
-from projector.projection import Projection
-from projector.scripts import Scripts
-from projector.state import live_generation
-from projector.steps import Step, run_steps
 
 log = logging.getLogger(__name__)
 
@@ -324,7 +324,7 @@ class Worker:
         """Build, from history, every projection of ours that has no valid views (new,
         version bumped, or Redis lost its data) and that nobody else is building.
         Returns True when a build ran (or another worker's build was found done)."""
-        from projector.replay import AlreadyBuilt, Replayer, ReplayError
+        from cqrs.projector.replay import AlreadyBuilt, Replayer, ReplayError
 
         ran = False
         for projection in self.projections:

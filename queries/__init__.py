@@ -2,14 +2,14 @@
 
 Other services use it as::
 
-    from queries import QueryService
+    from cqrs.queries import QueryService
     service = QueryService.from_settings()          # CQRS_REDIS_URL, CQRS_NAMESPACE
     product = service.get_product(product_id)
 """
 
-from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
-from queries.models import CustomerView, OrderLineView, OrderView, Page, ProductView
-from queries.service import QueryService
+from cqrs.queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
+from cqrs.queries.models import CustomerView, OrderLineView, OrderView, Page, ProductView
+from cqrs.queries.service import QueryService
 
 __all__ = [
     "BadCursor",

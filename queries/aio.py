@@ -28,10 +28,10 @@ from redis.exceptions import MaxConnectionsError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cqrs.keys import KeyMap
+from cqrs.queries.errors import BadView, Busy
+from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
+from cqrs.queries.service import Plan, ViewPlans
 from cqrs.urls import redis_url as to_redis_url
-from queries.errors import BadView, Busy
-from queries.models import CustomerView, OrderView, Page, ProductView
-from queries.service import Plan, ViewPlans
 
 T = TypeVar("T")
 

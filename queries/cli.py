@@ -21,11 +21,11 @@ from rich.table import Table
 
 from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
 from cqrs.console import EXIT_USAGE, fail, out, print_json
+from cqrs.queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
+from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
+from cqrs.queries.service import QueryService
 from cqrs.tokens import TokenError
 from cqrs.wiring import Wiring
-from queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
-from queries.models import CustomerView, OrderView, Page, ProductView
-from queries.service import QueryService
 
 query_app = typer.Typer(help="Read the views (never PostgreSQL).", no_args_is_help=True)
 
@@ -78,7 +78,7 @@ def _emit_page(page: Page[Any], json_output: bool, table: Table) -> None:
         _render_page(page, table)
 
 
-def _product_table(products: list[ProductView], title: str) -> Table:
+def product_table(products: list[ProductView], title: str) -> Table:
     table = Table(title=title)
     for col in ("id", "sku", "name", "price", "stock", "units_sold", "revenue"):
         table.add_column(
@@ -131,7 +131,7 @@ def render_customer(c: CustomerView) -> None:
     out.print(table)
 
 
-def _orders_table(orders: list[OrderView], title: str) -> Table:
+def orders_table(orders: list[OrderView], title: str) -> Table:
     table = Table(title=title)
     for col in ("id", "status", "placed_at", "lines", "total", "customer_name"):
         table.add_column(col)
@@ -161,7 +161,7 @@ def query_product(
     if json_output:
         print_json(product.model_dump(mode="json"))
     else:
-        out.print(_product_table([product], f"product {product.id}"))
+        out.print(product_table([product], f"product {product.id}"))
 
 
 @query_app.command("products")
@@ -176,7 +176,7 @@ def query_products(
     """The catalog, sorted by name or price, a page at a time."""
     with service(after, timeout) as svc:
         page = svc.list_products(sort=sort.value, limit=limit, cursor=cursor)
-    _emit_page(page, json_output, _product_table(page.items, f"products by {sort.value}"))
+    _emit_page(page, json_output, product_table(page.items, f"products by {sort.value}"))
 
 
 @query_app.command("customer")
@@ -226,7 +226,7 @@ def query_customer_orders(
     cid = parse_id(customer_id, "customer_id")
     with service(after, timeout) as svc:
         page = svc.customer_orders(cid, limit=limit, cursor=cursor)
-    _emit_page(page, json_output, _orders_table(page.items, f"orders of {cid}"))
+    _emit_page(page, json_output, orders_table(page.items, f"orders of {cid}"))
 
 
 @query_app.command("top-products")
@@ -241,7 +241,7 @@ def query_top_products(
         products = svc.top_products(limit=limit)
     # One page, never a cursor: the same list shape as every other list.
     page = Page[ProductView](items=products, next_cursor=None)
-    _emit_page(page, json_output, _product_table(products, "top products"))
+    _emit_page(page, json_output, product_table(products, "top products"))
 
 
 def serve_command(
@@ -256,7 +256,7 @@ def serve_command(
 
     configure_logging(logging.INFO)
     settings = load_settings()
-    from queries.http import bind_listener, serve  # FastAPI/uvicorn load only for this command
+    from cqrs.queries.http import bind_listener, serve  # FastAPI/uvicorn load only for this command
 
     try:
         sock = bind_listener(host, port)

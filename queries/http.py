@@ -52,14 +52,14 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cqrs.queries.aio import AsyncViews, BlockingLag, client_options, make_async_redis
+from cqrs.queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
+from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
+from cqrs.queries.service import MAX_LIMIT, QueryService
+from cqrs.queries.waiters import AppliedWaiters
 from cqrs.settings import Settings
 from cqrs.tokens import TokenError
 from cqrs.urls import mask_url
-from queries.aio import AsyncViews, BlockingLag, client_options, make_async_redis
-from queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
-from queries.models import CustomerView, OrderView, Page, ProductView
-from queries.service import MAX_LIMIT, QueryService
-from queries.waiters import AppliedWaiters
 
 TITLE = "cqrs-projector query API"
 MAX_WAIT_SECONDS = 30.0

@@ -33,12 +33,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
 from cqrs.keys import KeyMap, ViewKeys
+from cqrs.queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
+from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
 from cqrs.redisio import hash_fields, pack, read_replies
 from cqrs.settings import Settings
 from cqrs.streams import group_lag
 from cqrs.tokens import decode_token
-from queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
-from queries.models import CustomerView, OrderView, Page, ProductView
 
 T = TypeVar("T")
 Commands = list[tuple[Any, ...]]

@@ -31,10 +31,10 @@ import contextlib
 import logging
 from collections.abc import Awaitable, Callable
 
+from cqrs.queries.aio import AsyncViews
+from cqrs.queries.errors import Busy
+from cqrs.queries.service import lag_summary, not_caught_up
 from cqrs.tokens import decode_token
-from queries.aio import AsyncViews
-from queries.errors import Busy
-from queries.service import lag_summary, not_caught_up
 
 log = logging.getLogger(__name__)
 

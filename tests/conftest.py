@@ -77,7 +77,7 @@ def _with_database(url: str, name: str) -> str:
 @pytest.fixture(scope="session")
 def database_url(backend: Backend) -> Iterator[str]:
     """A database of this run's own, migrated once."""
-    from commands.migrations import upgrade
+    from cqrs.commands.migrations import upgrade
     from cqrs.wiring import make_engine
 
     name = f"cqrs_test_{uuid.uuid4().hex[:10]}"

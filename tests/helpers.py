@@ -31,7 +31,7 @@ def run_cli(
 ) -> subprocess.CompletedProcess[str]:
     """Run `cqrs ARGS...` in a subprocess, exactly as a user would."""
     return subprocess.run(
-        [sys.executable, "-m", "cqrs.cli", *args],
+        [sys.executable, "-m", "cqrs.app", *args],
         env=env,
         capture_output=True,
         text=True,

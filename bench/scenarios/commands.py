@@ -18,12 +18,12 @@ import uuid
 from bench import ceilings
 from bench.scenarios import Context
 from bench.stats import Figure, Row
-from commands.catalog import CreateProduct, RestockProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.db import make_session_factory
-from commands.handlers import execute
-from commands.orders import OrderItem, PlaceOrder
-from commands.results import CommandResult
+from cqrs.commands.catalog import CreateProduct, RestockProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.handlers import execute
+from cqrs.commands.orders import OrderItem, PlaceOrder
+from cqrs.commands.results import CommandResult
 from cqrs.wiring import make_engine
 
 

@@ -33,13 +33,13 @@ from bench.scenarios import Context
 from bench.scenarios.commands import Shop
 from bench.scenarios.projection import prepare_live
 from bench.stats import Figure, Row, percentile
-from commands.db import make_session_factory
-from commands.relay import Relay
+from cqrs.commands.db import make_session_factory
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
+from cqrs.relay.outbox import Relay
 from cqrs.settings import Settings
 from cqrs.wiring import make_engine, make_redis
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
 
 RATES = (200, 500)
 WRITER_PROCESSES = 2

@@ -28,10 +28,10 @@ from bench.scenarios import Context
 from bench.scenarios.projection import prepare_live
 from bench.stats import Figure, Row
 from cqrs.keys import KeyMap
+from cqrs.projector.orders import LINE_ATTRIBUTES, line_field
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
 from cqrs.wiring import make_redis
-from projector.orders import LINE_ATTRIBUTES, line_field
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
 
 SAMPLE = 2000
 

@@ -23,11 +23,11 @@ from bench.procs import ConsumerPool, reset_groups
 from bench.scenarios import Context
 from bench.stats import Figure, Row
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.replay import unlink_pattern
+from cqrs.projector.state import ProjectionState, write_state
 from cqrs.settings import Settings
 from cqrs.wiring import make_redis
-from projector.registry import PROJECTIONS
-from projector.replay import unlink_pattern
-from projector.state import ProjectionState, write_state
 
 WORKER_ROUND = "bench.scenarios.projection:worker_round"
 RAW_ROUND = "bench.ceilings:raw_loop_child"
@@ -37,7 +37,7 @@ def worker_round(
     settings_values: dict[str, Any], consumer: str, *, ready: Any, go: Any, stop: Any, **_: Any
 ) -> dict[str, Any]:
     """One `cqrs project` worker (all projections) until `stop`."""
-    from projector.worker import Worker
+    from cqrs.projector.worker import Worker
 
     settings = Settings(**settings_values)
     client = make_redis(settings.redis_url or "", settings)

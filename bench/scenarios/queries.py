@@ -35,11 +35,11 @@ from bench.scenarios import Context
 from bench.scenarios.projection import prepare_live
 from bench.stats import Figure, Row, percentile
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
+from cqrs.queries.service import QueryService
 from cqrs.settings import Settings
 from cqrs.wiring import make_redis
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
-from queries.service import QueryService
 
 # HTTP servers take turns every HTTP_BLOCK requests rather than every request: each is a
 # process of its own, and one woken for every other request pays a scheduler wake-up and
@@ -148,8 +148,8 @@ def run(ctx: Context) -> list[Row]:
             "BENCH_RAW_REDIS_URL": settings.redis_url or "",
             "BENCH_RAW_PREFIX": views["orders"].prefix,
         }
-        api_args = ["-m", "cqrs.cli", "serve", "--port", str(api_port)]
-        quiet_args = ["-m", "cqrs.cli", "serve", "--port", str(quiet_port)]
+        api_args = ["-m", "cqrs.app", "serve", "--port", str(api_port)]
+        quiet_args = ["-m", "cqrs.app", "serve", "--port", str(quiet_port)]
         raw_args = ["-m", "uvicorn", "bench.rawhttp:app", "--port", str(raw_port)]
         raw_args += ["--host", "127.0.0.1", "--log-level", "warning"]
         with (

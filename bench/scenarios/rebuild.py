@@ -21,9 +21,9 @@ from bench.scenarios import Context
 from bench.scenarios.projection import RAW_ROUND, prepare_raw
 from bench.stats import Figure, Row
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.replay import Replayer, unlink_pattern
 from cqrs.wiring import make_redis
-from projector.registry import PROJECTIONS
-from projector.replay import Replayer, unlink_pattern
 
 SEED = 11
 

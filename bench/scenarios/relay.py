@@ -15,8 +15,8 @@ from bench import ceilings
 from bench.history import copy_to_log, make_history
 from bench.scenarios import Context
 from bench.stats import Figure, Row
-from commands.relay import Relay
 from cqrs.keys import KeyMap
+from cqrs.relay.outbox import Relay
 from cqrs.wiring import make_redis
 
 

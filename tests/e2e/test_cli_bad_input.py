@@ -1,4 +1,4 @@
-"""Every bad input through the real CLI (`python -m cqrs.cli` in a subprocess).
+"""Every bad input through the real CLI (`python -m cqrs.app` in a subprocess).
 
 Exit 2 = the input itself is invalid, exit 1 = well-formed but refused by the current state.
 Either way: exactly one `error: ...` line on stderr, nothing on stdout, and nothing written
@@ -15,9 +15,9 @@ from dataclasses import dataclass
 import psycopg
 import pytest
 
-from commands import catalog, customers, orders
-from commands.db import make_session_factory
-from commands.handlers import execute
+from cqrs.commands import catalog, customers, orders
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.handlers import execute
 from cqrs.tokens import decode_token
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring

@@ -9,11 +9,11 @@ from __future__ import annotations
 
 import json
 
-from commands import catalog, customers
-from commands.db import make_session_factory
-from commands.handlers import execute
+from cqrs.commands import catalog, customers
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.handlers import execute
+from cqrs.projector.registry import PROJECTIONS
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
 from tests.helpers import run_cli
 
 

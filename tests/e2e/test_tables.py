@@ -9,9 +9,9 @@ import json
 import redis
 
 from cqrs.keys import KeyMap
+from cqrs.projector.deadletters import dead_letter_fields
+from cqrs.projector.registry import PROJECTIONS
 from cqrs.settings import Settings
-from projector.deadletters import dead_letter_fields
-from projector.registry import PROJECTIONS
 from tests.helpers import run_cli
 
 LONG_ERROR = "handler failed: " + "x" * 150

@@ -41,7 +41,7 @@ class ApiServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cqrs.cli", "serve", "--port", str(self.port)],
+            [sys.executable, "-m", "cqrs.app", "serve", "--port", str(self.port)],
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

@@ -43,7 +43,7 @@ class Processes:
         return proc
 
     def cqrs(self, name: str, *args: str, env: dict[str, str]) -> subprocess.Popen[bytes]:
-        return self.start(name, [sys.executable, "-m", "cqrs.cli", *args], env)
+        return self.start(name, [sys.executable, "-m", "cqrs.app", *args], env)
 
     def log_of(self, proc: subprocess.Popen[bytes]) -> str:
         for p, log in self.started:
@@ -192,7 +192,7 @@ def start_redis(
 
 def cli(*args: str, env: dict[str, str], timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "cqrs.cli", *args],
+        [sys.executable, "-m", "cqrs.app", *args],
         env=env,
         capture_output=True,
         text=True,
@@ -218,7 +218,7 @@ def cli_parallel(
     not depend on each other); results in the order given."""
     running = [
         subprocess.Popen(
-            [sys.executable, "-m", "cqrs.cli", *args],
+            [sys.executable, "-m", "cqrs.app", *args],
             env=env,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,

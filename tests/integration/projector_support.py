@@ -8,17 +8,17 @@ import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
-from commands.db import make_session_factory
-from commands.handlers import execute
-from commands.relay import Relay
-from commands.results import CommandResult
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.handlers import execute
+from cqrs.commands.results import CommandResult
 from cqrs.events import EventEnvelope
+from cqrs.projector.projection import Projection
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.state import live_generation
+from cqrs.projector.verify import verify
+from cqrs.projector.worker import Worker
+from cqrs.relay.outbox import Relay
 from cqrs.wiring import Wiring
-from projector.projection import Projection
-from projector.registry import PROJECTIONS
-from projector.state import live_generation
-from projector.verify import verify
-from projector.worker import Worker
 
 
 def run(wiring: Wiring, command: object) -> CommandResult:

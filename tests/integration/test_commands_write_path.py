@@ -19,14 +19,14 @@ import sqlalchemy.exc
 from sqlalchemy import text
 from sqlalchemy.orm import sessionmaker
 
-from commands import uow as uow_module
-from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.db import make_session_factory
-from commands.errors import Duplicate, InsufficientStock, InvalidTransition, NotFound
-from commands.handlers import execute
-from commands.orders import CancelOrder, OrderItem, PlaceOrder, ShipOrder
-from commands.results import CommandResult
+from cqrs.commands import uow as uow_module
+from cqrs.commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.errors import Duplicate, InsufficientStock, InvalidTransition, NotFound
+from cqrs.commands.handlers import execute
+from cqrs.commands.orders import CancelOrder, OrderItem, PlaceOrder, ShipOrder
+from cqrs.commands.results import CommandResult
 from cqrs.events import EventEnvelope
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring

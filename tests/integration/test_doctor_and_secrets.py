@@ -199,7 +199,7 @@ def test_up_prints_urls_without_passwords(monkeypatch: pytest.MonkeyPatch) -> No
     """`cqrs up` masks whatever URLs the embedded servers report."""
     from typer.testing import CliRunner
 
-    import cqrs.cli
+    import cqrs.app.cli
     from cqrs import embedded
 
     class Servers:
@@ -220,7 +220,7 @@ def test_up_prints_urls_without_passwords(monkeypatch: pytest.MonkeyPatch) -> No
     runner = CliRunner()
     for args in (["up"], ["up", "--json"], ["up", "--status"], ["up", "--status", "--json"]):
         result = runner.invoke(
-            cqrs.cli.app, args, env={"CQRS_NAMESPACE": f"t{uuid.uuid4().hex[:6]}"}
+            cqrs.app.cli.app, args, env={"CQRS_NAMESPACE": f"t{uuid.uuid4().hex[:6]}"}
         )
         assert result.exit_code == 0, result.output
         assert "127.0.0.1:5999" in result.output and "***@" in result.output

@@ -17,17 +17,17 @@ from datetime import UTC, datetime
 
 import pytest
 
-from commands.catalog import CreateProduct, RenameProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.orders import CancelOrder, OrderItem, PlaceOrder
+from cqrs.commands.catalog import CreateProduct, RenameProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.orders import CancelOrder, OrderItem, PlaceOrder
 from cqrs.events import EventEnvelope
 from cqrs.keys import partition_of
+from cqrs.projector.deadletters import list_dead_letters
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.scripts import Scripts
+from cqrs.projector.steps import GAP, MISSING, run_steps
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from projector.deadletters import list_dead_letters
-from projector.registry import PROJECTIONS
-from projector.scripts import Scripts
-from projector.steps import GAP, MISSING, run_steps
 from tests.integration.projector_support import differences, drain, run
 
 MAX_DELIVERIES = 2

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import uuid
 
-from commands.catalog import CreateProduct, RenameProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.orders import PlaceOrder
+from cqrs.commands.catalog import CreateProduct, RenameProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.orders import PlaceOrder
+from cqrs.projector.registry import PROJECTIONS
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
 from tests.integration.projector_support import differences, drain, run
 
 GHOST = uuid.UUID("00000000-0000-4000-8000-00000000beef")  # never created

@@ -17,12 +17,12 @@ from datetime import UTC, datetime
 
 import redis
 
-from commands.catalog import CreateProduct, RenameProduct
+from cqrs.commands.catalog import CreateProduct, RenameProduct
 from cqrs.events import EventEnvelope
 from cqrs.keys import partition_of
+from cqrs.projector.deadletters import list_dead_letters
+from cqrs.projector.registry import PROJECTIONS
 from cqrs.wiring import Wiring
-from projector.deadletters import list_dead_letters
-from projector.registry import PROJECTIONS
 from tests.conftest import settings_env
 from tests.helpers import run_cli
 from tests.integration.projector_support import differences, drain, run

@@ -16,9 +16,9 @@ import httpx
 import pytest
 from openapi_spec_validator import validate
 
-from commands.catalog import CreateProduct, RepriceProduct, RestockProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.orders import PlaceOrder
+from cqrs.commands.catalog import CreateProduct, RepriceProduct, RestockProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.orders import PlaceOrder
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from tests.helpers import wait_until

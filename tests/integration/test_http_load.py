@@ -21,13 +21,13 @@ import httpx
 import pytest
 import redis.asyncio
 
-from commands.catalog import CreateProduct
-from commands.customers import RegisterCustomer
-from commands.orders import PlaceOrder
+from cqrs.commands.catalog import CreateProduct
+from cqrs.commands.customers import RegisterCustomer
+from cqrs.commands.orders import PlaceOrder
+from cqrs.queries.aio import WaitingPool
+from cqrs.queries.errors import Busy
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from queries.aio import WaitingPool
-from queries.errors import Busy
 from tests.integration.http_support import ApiServer, api_servers
 from tests.integration.projector_support import drain, run
 

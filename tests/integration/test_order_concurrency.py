@@ -13,12 +13,12 @@ from concurrent.futures import ThreadPoolExecutor
 import psycopg
 import pytest
 
-from commands import catalog, customers
-from commands.db import make_session_factory
-from commands.errors import Conflict
-from commands.handlers import execute
-from commands.results import CommandResult
-from commands.uow import UnitOfWork
+from cqrs.commands import catalog, customers
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.errors import Conflict
+from cqrs.commands.handlers import execute
+from cqrs.commands.results import CommandResult
+from cqrs.commands.uow import UnitOfWork
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
 from tests.helpers import run_cli, wait_until

@@ -37,10 +37,10 @@ import redis
 
 from bench.workload import WorkloadReport, generate
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
 from tests.conftest import settings_env
 from tests.helpers import run_cli, wait_until
 from tests.integration.projector_support import differences, drain, relay_all
@@ -104,7 +104,7 @@ class Fleet:
         # Output goes to a file, never a pipe nobody reads (a full pipe would block the child).
         with log.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "cqrs.cli", *args],
+                [sys.executable, "-m", "cqrs.app", *args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,

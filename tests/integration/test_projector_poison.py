@@ -10,15 +10,15 @@ from typing import Any
 
 import pytest
 
-from commands.catalog import CreateProduct, RenameProduct
+from cqrs.commands.catalog import CreateProduct, RenameProduct
 from cqrs.events import EventEnvelope
 from cqrs.keys import ViewKeys, partition_of
+from cqrs.projector.deadletters import list_dead_letters
+from cqrs.projector.projection import Projection
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.steps import Step
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from projector.deadletters import list_dead_letters
-from projector.projection import Projection
-from projector.registry import PROJECTIONS
-from projector.steps import Step
 from tests.conftest import settings_env
 from tests.helpers import run_cli, run_cli_json
 from tests.integration.projector_support import differences, drain, relay_all, run
@@ -122,7 +122,7 @@ def test_handler_exception_is_dead_lettered_then_retried_once_fixed(
     [letter] = list_dead_letters(wiring.redis, wiring.keys, "products")
     assert "RuntimeError: handler bug" in letter.error
 
-    from projector.worker import Worker
+    from cqrs.projector.worker import Worker
 
     boom["armed"] = False  # the bug is fixed
     worker = Worker(wiring.redis, wiring.settings, [flaky], consumer="dlq")

@@ -12,9 +12,9 @@ from __future__ import annotations
 import random
 
 from bench.workload import generate
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.state import read_state
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.state import read_state
 from tests.integration.projector_support import differences, drain, view_snapshot
 
 SEED = 20_240_611

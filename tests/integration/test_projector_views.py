@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.orders import CancelOrder, PlaceOrder, ShipOrder
+from cqrs.commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.orders import CancelOrder, PlaceOrder, ShipOrder
+from cqrs.projector.products import name_member
 from cqrs.wiring import Wiring
-from projector.products import name_member
 from tests.integration.projector_support import differences, drain, run
 
 

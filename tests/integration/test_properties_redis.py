@@ -33,21 +33,21 @@ import redis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.db import make_session_factory
-from commands.errors import CommandRejected
-from commands.handlers import execute
-from commands.orders import CancelOrder, PlaceOrder, ShipOrder
+from cqrs.commands.catalog import CreateProduct, RenameProduct, RepriceProduct, RestockProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.errors import CommandRejected
+from cqrs.commands.handlers import execute
+from cqrs.commands.orders import CancelOrder, PlaceOrder, ShipOrder
 from cqrs.eventlog import LOG_COLUMNS, envelope_from_row
 from cqrs.events import EventEnvelope
 from cqrs.keys import KeyMap, partition_of
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.scripts import Scripts
+from cqrs.projector.steps import Step, run_steps
+from cqrs.projector.verify import verify
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.scripts import Scripts
-from projector.steps import Step, run_steps
-from projector.verify import verify
 from tests.conftest import delete_namespace, truncate_write_side
 
 PARTITIONS = 8

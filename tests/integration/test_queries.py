@@ -12,15 +12,15 @@ import threading
 
 import pytest
 
-from commands.catalog import CreateProduct
-from commands.customers import RegisterCustomer
-from commands.orders import PlaceOrder
+from cqrs.commands.catalog import CreateProduct
+from cqrs.commands.customers import RegisterCustomer
+from cqrs.commands.orders import PlaceOrder
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
+from cqrs.queries import BadCursor, BadView, NotCaughtUp, NotFound, ProductView, QueryService
+from cqrs.queries.aio import AsyncViews, make_async_redis
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
-from queries import BadCursor, BadView, NotCaughtUp, NotFound, ProductView, QueryService
-from queries.aio import AsyncViews, make_async_redis
 from tests.conftest import settings_env
 from tests.helpers import run_cli, run_cli_json
 from tests.integration.projector_support import drain, relay_all, run
@@ -218,7 +218,7 @@ def test_after_waits_for_a_paused_projector_then_answers(
         [
             sys.executable,
             "-m",
-            "cqrs.cli",
+            "cqrs.app",
             "query",
             "order",
             placed["id"],

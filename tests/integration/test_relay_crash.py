@@ -16,7 +16,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from commands.db import make_session_factory
+from cqrs.commands.db import make_session_factory
 from cqrs.wiring import Wiring
 from tests.helpers import run_cli, wait_until
 from tests.integration.stream_checks import (
@@ -35,7 +35,7 @@ BATCH = 50
 def start_relay(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "cqrs.cli", "relay"],
+            [sys.executable, "-m", "cqrs.app", "relay"],
             env=env,
             stdout=out,
             stderr=subprocess.STDOUT,

@@ -23,13 +23,13 @@ import psycopg
 import pytest
 import redis
 
-from commands import catalog, customers, orders
-from commands.db import make_session_factory
-from commands.handlers import execute
-from commands.relay import Relay
+from cqrs.commands import catalog, customers, orders
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.handlers import execute
 from cqrs.eventlog import LOG_COLUMNS, STREAM_FIELDS, envelope_from_row
 from cqrs.events import EventEnvelope, parse_stream_entry
 from cqrs.keys import partition_of
+from cqrs.relay.outbox import Relay
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
 from tests.helpers import wait_until

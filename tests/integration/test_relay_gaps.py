@@ -21,12 +21,12 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from commands import catalog
-from commands.db import make_session_factory
-from commands.handlers import execute
-from commands.relay import Relay
-from commands.results import CommandResult
-from commands.uow import UnitOfWork
+from cqrs.commands import catalog
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.handlers import execute
+from cqrs.commands.results import CommandResult
+from cqrs.commands.uow import UnitOfWork
+from cqrs.relay.outbox import Relay
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
@@ -190,7 +190,7 @@ def test_overlapping_pass_waits_for_the_rows_another_pass_holds(wiring: Wiring) 
 def _start_relay(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
     with log.open("ab") as out:
         return subprocess.Popen(
-            [sys.executable, "-m", "cqrs.cli", "relay"], env=env, stdout=out, stderr=out
+            [sys.executable, "-m", "cqrs.app", "relay"], env=env, stdout=out, stderr=out
         )
 
 

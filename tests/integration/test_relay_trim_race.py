@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from commands.relay import Relay
+from cqrs.relay.outbox import Relay
 from cqrs.streams import parse_entry_id
 from cqrs.wiring import Wiring
 

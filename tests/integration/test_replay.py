@@ -37,14 +37,14 @@ import redis
 
 from bench.workload import WorkloadReport, generate
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.replay import Replayer, generation_of, stream_holds_history
+from cqrs.projector.state import live_generation, read_state
+from cqrs.queries.errors import NotFound
+from cqrs.queries.service import QueryService
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring, make_redis
-from projector.registry import PROJECTIONS
-from projector.replay import Replayer, generation_of, stream_holds_history
-from projector.state import live_generation, read_state
-from queries.errors import NotFound
-from queries.service import QueryService
 from tests.conftest import settings_env
 from tests.helpers import run_cli, wait_until
 from tests.integration.projector_support import differences, drain
@@ -193,7 +193,7 @@ class Fleet:
         # Output goes to a file, never to a pipe nobody reads (a full pipe blocks the child).
         with log.open("ab") as out:
             popen = subprocess.Popen(
-                [sys.executable, "-m", "cqrs.cli", *args],
+                [sys.executable, "-m", "cqrs.app", *args],
                 env=self.env,
                 stdout=out,
                 stderr=subprocess.STDOUT,
@@ -578,7 +578,7 @@ def test_a_second_replay_of_the_same_projection_refuses(
         log = tmp_path / "first.json"
         with log.open("wb") as out:
             first = subprocess.Popen(
-                [sys.executable, "-m", "cqrs.cli", "replay", "products", "--yes", "--json"],
+                [sys.executable, "-m", "cqrs.app", "replay", "products", "--yes", "--json"],
                 env=env,
                 stdout=out,
                 stderr=subprocess.PIPE,

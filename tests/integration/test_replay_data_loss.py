@@ -12,12 +12,12 @@ from __future__ import annotations
 
 import pytest
 
-from commands.catalog import CreateProduct, RenameProduct
+from cqrs.commands.catalog import CreateProduct, RenameProduct
+from cqrs.projector.deadletters import list_dead_letters
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.replay import Replayer, ReplayError
+from cqrs.projector.state import read_state
 from cqrs.wiring import Wiring
-from projector.deadletters import list_dead_letters
-from projector.registry import PROJECTIONS
-from projector.replay import Replayer, ReplayError
-from projector.state import read_state
 from tests.conftest import delete_namespace
 from tests.integration.projector_support import differences, drain, run
 

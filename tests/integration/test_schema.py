@@ -7,8 +7,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 from sqlalchemy import inspect
 
-from commands.db import Base
-from commands.migrations import LATEST_VERSION, current_version, upgrade
+from cqrs.commands.db import Base
+from cqrs.commands.migrations import LATEST_VERSION, current_version, upgrade
 from cqrs.wiring import Wiring
 from tests.conftest import Backend
 
@@ -68,12 +68,12 @@ def test_reused_ids_are_rejected_as_duplicates(wiring: Wiring) -> None:
 
     import pytest
 
-    from commands.catalog import CreateProduct
-    from commands.customers import RegisterCustomer
-    from commands.db import make_session_factory
-    from commands.errors import Duplicate
-    from commands.handlers import execute
-    from commands.orders import PlaceOrder
+    from cqrs.commands.catalog import CreateProduct
+    from cqrs.commands.customers import RegisterCustomer
+    from cqrs.commands.db import make_session_factory
+    from cqrs.commands.errors import Duplicate
+    from cqrs.commands.handlers import execute
+    from cqrs.commands.orders import PlaceOrder
 
     sf = make_session_factory(wiring.engine)
     pid, cid, oid = uuid.uuid4(), uuid.uuid4(), uuid.uuid4()

@@ -23,12 +23,12 @@ import redis
 
 from bench.workload import WorkloadReport, generate
 from cqrs.keys import KeyMap
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.state import live_generation, read_state
+from cqrs.projector.worker import Worker
+from cqrs.queries.service import QueryService
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.state import live_generation, read_state
-from projector.worker import Worker
-from queries.service import QueryService
 from tests.conftest import settings_env
 from tests.helpers import run_cli, wait_until
 from tests.integration.projector_support import differences, drain

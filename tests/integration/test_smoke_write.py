@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from commands.catalog import CreateProduct
-from commands.db import make_session_factory
-from commands.handlers import execute
-from commands.relay import Relay
+from cqrs.commands.catalog import CreateProduct
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.handlers import execute
 from cqrs.events import EventEnvelope, ProductCreated
+from cqrs.relay.outbox import Relay
 from cqrs.wiring import Wiring
 
 

@@ -72,7 +72,7 @@ def test_a_stopped_soak_leaves_no_process_and_no_directory(
             commands = [_cmdline(p) for p in started]
             return (
                 after in log_path.read_text()
-                and sum("cqrs.cli" in c for c in commands) >= 4
+                and sum("cqrs.app" in c for c in commands) >= 4
                 and any("postgres" in c for c in commands)
                 and any("valkey-server" in c or "redis-server" in c for c in commands)
             )

@@ -22,14 +22,14 @@ from typing import Any
 
 from sqlalchemy import text
 
-from commands.catalog import CreateProduct, RenameProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.orders import PlaceOrder
+from cqrs.commands.catalog import CreateProduct, RenameProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.orders import PlaceOrder
 from cqrs.events import EventEnvelope
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.scripts import Scripts
+from cqrs.projector.steps import Step, run_steps
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.scripts import Scripts
-from projector.steps import Step, run_steps
 from tests.integration.projector_support import differences, drain, run
 
 

@@ -21,13 +21,13 @@ from pathlib import Path
 import pytest
 import redis
 
-from commands.catalog import CreateProduct
+from cqrs.commands.catalog import CreateProduct
 from cqrs.keys import KeyMap
+from cqrs.queries.errors import NotFound
+from cqrs.queries.service import QueryService
 from cqrs.settings import Settings
 from cqrs.startup import EvictionWatch, check_eviction_policy
 from cqrs.wiring import Wiring
-from queries.errors import NotFound
-from queries.service import QueryService
 from tests.conftest import settings_env
 from tests.helpers import wait_until
 from tests.integration.ops_support import (

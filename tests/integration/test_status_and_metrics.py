@@ -17,13 +17,13 @@ from pathlib import Path
 import httpx
 from prometheus_client.parser import text_string_to_metric_families
 
-from commands.catalog import CreateProduct
-from commands.customers import RegisterCustomer
-from commands.orders import PlaceOrder
+from cqrs.commands.catalog import CreateProduct
+from cqrs.commands.customers import RegisterCustomer
+from cqrs.commands.orders import PlaceOrder
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.status import CAUGHT_UP, STALLED, SystemStatus, collect_status
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.status import CAUGHT_UP, STALLED, SystemStatus, collect_status
 from tests.helpers import wait_until
 from tests.integration.ops_support import cli_json, free_port, processes
 from tests.integration.projector_support import relay_all, run

@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import uuid
 
-from commands.catalog import CreateProduct
+from cqrs.commands.catalog import CreateProduct
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.status import BROKEN, CAUGHT_UP, REBUILDING, ProjectionStatus, collect_status
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.status import BROKEN, CAUGHT_UP, REBUILDING, ProjectionStatus, collect_status
 from tests.helpers import run_cli
 from tests.integration.ops_support import cli_json
 from tests.integration.projector_support import drain, run

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import pytest
 
-from commands.catalog import CreateProduct, RenameProduct, RepriceProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.orders import OrderItem, PlaceOrder, ShipOrder
+from cqrs.commands.catalog import CreateProduct, RenameProduct, RepriceProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.orders import OrderItem, PlaceOrder, ShipOrder
 from cqrs.keys import ViewKeys
 from cqrs.wiring import Wiring
 from tests.helpers import run_cli

@@ -23,11 +23,11 @@ from typing import Any
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cqrs.projector.deadletters import list_dead_letters
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Entry, Worker
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from projector.deadletters import list_dead_letters
-from projector.registry import PROJECTIONS
-from projector.worker import Entry, Worker
 from tests.conftest import delete_namespace
 from tests.integration.projector_support import drain, malformed, product_created
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import threading
 import time
 
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
 from tests.helpers import wait_until
 from tests.integration.projector_support import drain
 

@@ -20,12 +20,12 @@ from collections.abc import Iterator
 
 import pytest
 
-from commands.catalog import CreateProduct
+from cqrs.commands.catalog import CreateProduct
+from cqrs.projector.deadletters import list_dead_letters
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from projector.deadletters import list_dead_letters
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
 from tests.conftest import settings_env
 from tests.helpers import run_cli, wait_until
 from tests.integration.projector_support import (
@@ -63,7 +63,7 @@ def live(settings: Settings) -> Iterator[Wiring]:
 
 def _project(env: dict[str, str], consumer: str) -> subprocess.Popen[str]:
     return subprocess.Popen(
-        [sys.executable, "-m", "cqrs.cli", "project", "--consumer", consumer],
+        [sys.executable, "-m", "cqrs.app", "project", "--consumer", consumer],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -208,7 +208,7 @@ def test_nogroup_at_every_call_site_recreates_the_group_and_projection_goes_on(
             timeout=5,
             what="the retry delay to pass",
         )
-    with caplog.at_level(logging.ERROR, logger="projector.worker"):
+    with caplog.at_level(logging.ERROR, logger="cqrs.projector.worker"):
         worker.run_once(drain=True)  # must not raise
     assert "is gone" in caplog.text
     assert any(g["name"] == "products" for g in wiring.redis.xinfo_groups(stream))
@@ -238,7 +238,7 @@ def test_a_worker_making_no_progress_backs_off_and_says_why(
     stop = threading.Event()
     thread = threading.Thread(target=worker.run, args=(stop,))
     progress = wiring.keys.progress("products")
-    with caplog.at_level(logging.ERROR, logger="projector.worker"):
+    with caplog.at_level(logging.ERROR, logger="cqrs.projector.worker"):
         thread.start()
         try:
             wait_until(

@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 
 from sqlalchemy.orm import sessionmaker
 
-from commands import catalog, customers, orders
-from commands.errors import CommandRejected
-from commands.handlers import execute
-from commands.results import CommandResult
+from cqrs.commands import catalog, customers, orders
+from cqrs.commands.errors import CommandRejected
+from cqrs.commands.handlers import execute
+from cqrs.commands.results import CommandResult
 
 
 @dataclass

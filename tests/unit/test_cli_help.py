@@ -12,16 +12,16 @@ import pytest
 import typer.main
 from typer.testing import CliRunner
 
-import cqrs.cli
+import cqrs.app.cli
 
 OTHERS: set[tuple[str, ...]] = set()
 
 
 @pytest.fixture(scope="module")
 def root() -> click.Command:
-    if not cqrs.cli.app.registered_groups:
-        cqrs.cli._mount_packages()
-    return typer.main.get_command(cqrs.cli.app)
+    if not cqrs.app.cli.app.registered_groups:
+        cqrs.app.cli._mount_packages()
+    return typer.main.get_command(cqrs.app.cli.app)
 
 
 def commands(
@@ -34,7 +34,7 @@ def commands(
 
 
 def help_of(path: tuple[str, ...]) -> str:
-    result = CliRunner().invoke(cqrs.cli.app, [*path, "--help"], env={"COLUMNS": "200"})
+    result = CliRunner().invoke(cqrs.app.cli.app, [*path, "--help"], env={"COLUMNS": "200"})
     assert result.exit_code == 0, result.output
     return result.output
 
@@ -69,6 +69,6 @@ def test_choices_are_offered() -> None:
 
 
 def test_version() -> None:
-    result = CliRunner().invoke(cqrs.cli.app, ["--version"])
+    result = CliRunner().invoke(cqrs.app.cli.app, ["--version"])
     assert result.exit_code == 0
     assert result.output.strip() == f"cqrs {version('cqrs-projector')}"

@@ -22,7 +22,7 @@ import typer
 import typer.main
 import yaml
 
-import cqrs.cli
+import cqrs.app.cli
 from cqrs.settings import Settings
 from cqrs.urls import redis_url, sqlalchemy_url
 
@@ -49,9 +49,9 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def cli() -> typer.Typer:
-    if not cqrs.cli.app.registered_groups:  # mount each package's commands once
-        cqrs.cli._mount_packages()
-    return cqrs.cli.app
+    if not cqrs.app.cli.app.registered_groups:  # mount each package's commands once
+        cqrs.app.cli._mount_packages()
+    return cqrs.app.cli.app
 
 
 def environment(service: dict[str, Any]) -> dict[str, str]:
@@ -251,7 +251,7 @@ def test_relay_and_projector_healthchecks_are_cheap_probes(
     status`, ~1.1 CPU-s each time, issue 13). The probe's arguments parse, it has a
     threshold, and the projections it watches are exactly the registered ones."""
     import cqrs.health
-    from projector.registry import PROJECTIONS
+    from cqrs.projector.registry import PROJECTIONS
 
     for name in ("relay", "projector"):
         test = words(services[name]["healthcheck"]["test"])
@@ -273,7 +273,7 @@ def test_relay_and_projector_healthchecks_are_cheap_probes(
         if isinstance(node, ast.Import | ast.ImportFrom)
         for alias in node.names
     }
-    heavy = {"typer", "rich", "pydantic", "sqlalchemy", "cqrs.cli", "cqrs.settings"}
+    heavy = {"typer", "rich", "pydantic", "sqlalchemy", "cqrs.cli", "cqrs.app", "cqrs.settings"}
     assert not imported & heavy, imported & heavy
     assert not any(m.startswith(("projector", "commands", "queries")) for m in imported)
 
@@ -303,9 +303,9 @@ def test_dockerfile_builds_the_package_as_a_non_root_cqrs_entrypoint() -> None:
     }
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())
     needed = {"pyproject.toml", pyproject["project"]["readme"]}
-    needed |= {
-        p.rstrip("*") for p in pyproject["tool"]["setuptools"]["packages"]["find"]["include"]
-    }
+    setuptools = pyproject["tool"]["setuptools"]
+    needed |= {"cqrs", *setuptools["package-dir"].values()}
+    assert set(setuptools["packages"]) == {"cqrs", *setuptools["package-dir"]}
     assert needed <= copied, f"not copied: {needed - copied}"
     ignored = {
         line.strip() for line in (REPO / ".dockerignore").read_text().splitlines() if line.strip()

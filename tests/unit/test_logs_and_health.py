@@ -11,15 +11,15 @@ import sys
 import pytest
 
 from cqrs.logs import JsonFormatter, TextFormatter, configure_logging
+from cqrs.projector.status import ProjectionStatus, RelayStatus, SystemStatus
 from cqrs.settings import Settings
-from projector.status import ProjectionStatus, RelayStatus, SystemStatus
 
 SECRET = "hunter2-Xy"
 
 
 def _record(message: str, *args: object, **extra: object) -> logging.LogRecord:
     record = logging.makeLogRecord(
-        {"name": "projector.worker", "levelno": logging.WARNING, "levelname": "WARNING"}
+        {"name": "cqrs.projector.worker", "levelno": logging.WARNING, "levelname": "WARNING"}
     )
     record.msg, record.args = message, args
     record.__dict__.update(extra)
@@ -45,7 +45,7 @@ def test_json_lines_carry_the_fields_and_never_a_password() -> None:
     assert data["msg"] == "cannot reach redis://alice:***@db.internal:6379/0"
     assert (data["projection"], data["consumer"]) == ("orders", "host-1-abc")
     assert (data["event_id"], data["event_type"]) == ("e1", "OrderPlaced")
-    assert data["level"] == "warning" and data["logger"] == "projector.worker"
+    assert data["level"] == "warning" and data["logger"] == "cqrs.projector.worker"
     assert "postgresql://app:***@pg/shop" in data["exc"]
     assert SECRET not in line
 

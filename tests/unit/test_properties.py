@@ -26,20 +26,20 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 from pydantic import TypeAdapter, ValidationError
 
-from commands.db import MAX_NAME, MAX_ORDER_LINES
-from commands.fields import MAX_PRICE, MAX_QTY, Name, Price
-from commands.orders import PlaceOrder
+from cqrs.commands.db import MAX_NAME, MAX_ORDER_LINES
+from cqrs.commands.fields import MAX_PRICE, MAX_QTY, Name, Price
+from cqrs.commands.orders import PlaceOrder
 from cqrs.events import EventEnvelope, EventError, Payload
 from cqrs.keys import KeyMap, partition_of
+from cqrs.projector.orders import order_member, order_member_id
+from cqrs.projector.products import member_id, name_member, price_member
+from cqrs.projector.projection import cents
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.steps import Step
+from cqrs.queries.errors import BadCursor
+from cqrs.queries.service import decode_cursor, encode_cursor
 from cqrs.streams import parse_entry_id
 from cqrs.tokens import AggregateVersion, TokenError, decode_token, encode_token
-from projector.orders import order_member, order_member_id
-from projector.products import member_id, name_member, price_member
-from projector.projection import cents
-from projector.registry import PROJECTIONS
-from projector.steps import Step
-from queries.errors import BadCursor
-from queries.service import decode_cursor, encode_cursor
 
 PROPS = settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 

@@ -6,13 +6,13 @@ from decimal import Decimal
 import pytest
 from pydantic import ValidationError
 
-from commands.catalog import CreateProduct, RestockProduct
-from commands.cli import parse_item
-from commands.orders import PlaceOrder
+from cqrs.commands.catalog import CreateProduct, RestockProduct
+from cqrs.commands.cli import parse_item
+from cqrs.commands.orders import PlaceOrder
 from cqrs.keys import KeyMap, partition_of
+from cqrs.queries.errors import BadCursor
+from cqrs.queries.service import decode_cursor, encode_cursor
 from cqrs.tokens import AggregateVersion, TokenError, decode_token, encode_token
-from queries.errors import BadCursor
-from queries.service import decode_cursor, encode_cursor
 
 
 def test_token_round_trip_keeps_the_latest_version_per_aggregate() -> None:

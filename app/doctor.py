@@ -1,8 +1,9 @@
 """`cqrs doctor`: check the servers and settings against what the system relies on, and
 say how to fix what is wrong. Exit 1 on any error; warnings do not fail.
 
-It lives in commands/ because it reads the write-side schema version
-(commands.migrations); it only reads, never changes anything.
+It lives in the composition (cqrs.app) because it looks at every side: the write-side
+schema version (cqrs.commands.migrations), the projections' streams and views; it only
+reads, never changes anything.
 """
 
 from __future__ import annotations
@@ -11,15 +12,18 @@ from dataclasses import asdict, dataclass
 from typing import Any
 
 import redis
+import typer
 from sqlalchemy.exc import SQLAlchemyError
 
-from commands.migrations import LATEST_VERSION, current_version
+from cqrs.cli import load_settings
+from cqrs.commands.migrations import LATEST_VERSION, current_version
+from cqrs.console import out, print_json
 from cqrs.keys import KeyMap
 from cqrs.settings import Settings
 from cqrs.startup import judge_eviction_policy
 from cqrs.streams import parse_entry_id, partition_groups
 from cqrs.urls import mask_url
-from cqrs.wiring import make_engine
+from cqrs.wiring import Wiring, make_engine
 
 OK, WARNING, ERROR = "ok", "warning", "error"
 
@@ -161,7 +165,7 @@ def check_persistence(client: redis.Redis, info: dict[str, Any]) -> Check:
 def check_streams(client: redis.Redis, keys: KeyMap, settings: Settings) -> list[Check]:
     """Retention vs. the oldest entry each group has not finished: trimming must never cut
     entries a consumer group has not read (or still has pending)."""
-    from projector.registry import PROJECTIONS  # names only; doctor imports no worker code
+    from cqrs.projector.registry import PROJECTIONS  # names only; doctor imports no worker code
 
     checks: list[Check] = []
     stored = client.hget(keys.meta(), "partitions")
@@ -234,7 +238,7 @@ def check_streams(client: redis.Redis, keys: KeyMap, settings: Settings) -> list
 
 
 def check_dead_letters(client: redis.Redis, keys: KeyMap) -> Check:
-    from projector.registry import PROJECTIONS
+    from cqrs.projector.registry import PROJECTIONS
 
     pipe = client.pipeline(transaction=False)
     for name in PROJECTIONS:
@@ -333,3 +337,33 @@ def run_checks(
 ) -> list[Check]:
     keys = KeyMap(settings.namespace)
     return check_redis(client, keys, settings, redis_url) + check_postgres(database_url)
+
+
+def doctor_command(
+    json_output: bool = typer.Option(False, "--json", help="Print one JSON object."),
+) -> None:
+    """Check Redis (version, eviction policy, persistence, stream retention) and PostgreSQL
+    (reachable, schema version), each with how to fix it; exit 1 on any error."""
+    wiring = Wiring(load_settings())
+    try:
+        checks = run_checks(wiring.settings, wiring.database_url, wiring.redis_url, wiring.redis)
+    finally:
+        wiring.close()
+    failed = any(c.status == ERROR for c in checks)
+    if json_output:
+        print_json({"ok": not failed, "checks": [c.as_json() for c in checks]})
+    else:
+        from rich.text import Text
+
+        style = {ERROR: "bold red", WARNING: "yellow"}
+        for check in checks:
+            line = Text(f"{check.status:<7} ", style=style.get(check.status, "green"))
+            line.append(mask_url(f"{check.name}: {check.detail}"))
+            out.print(line)
+            if check.fix and check.status != "ok":
+                out.print(Text(mask_url(f"        fix: {check.fix}"), style="dim"))
+        errors = sum(c.status == ERROR for c in checks)
+        warnings = sum(c.status == WARNING for c in checks)
+        out.print(f"{errors} error(s), {warnings} warning(s)")
+    if failed:
+        raise typer.Exit(1)

@@ -42,8 +42,7 @@ from uuid import UUID
 import psycopg
 import redis
 
-from commands.uow import NOTIFY_CHANNEL
-from cqrs.eventlog import STREAM_FIELDS, STREAM_FIELDS_SQL
+from cqrs.eventlog import NOTIFY_CHANNEL, STREAM_FIELDS, STREAM_FIELDS_SQL
 from cqrs.keys import KeyMap, partition_of
 from cqrs.redisio import round_trip
 from cqrs.settings import Settings
@@ -317,3 +316,12 @@ class Relay:
 def _notifies(conn: psycopg.Connection, timeout: float) -> Iterator[object]:
     with contextlib.suppress(StopIteration):
         yield from conn.notifies(timeout=timeout, stop_after=1)
+
+
+def publish_pending(database_url: str, client: redis.Redis, settings: Settings) -> int:
+    """Publish, now, one pass of what is committed and not yet published; returns how
+    many events. The one entry point for "publish after commit" (the commands side gets
+    it through `cqrs.hooks`); the running relay remains the safety net."""
+    relay = Relay(database_url, client, settings)
+    with relay._connect() as conn:
+        return relay.publish_batch(conn)

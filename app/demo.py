@@ -9,24 +9,32 @@ view following. Every run uses fresh ids and SKUs, so it is safe to run again.
 from __future__ import annotations
 
 import random
+import sys
 import threading
 import uuid
 
+import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
-from commands.catalog import CreateProduct
-from commands.customers import RegisterCustomer, RenameCustomer
-from commands.errors import CommandRejected
-from commands.handlers import execute
-from commands.orders import PlaceOrder
-from commands.relay import Relay
-from cqrs.console import heading, out
+from cqrs.cli import fail_unreachable, load_settings
+from cqrs.commands.catalog import CreateProduct
+from cqrs.commands.customers import RegisterCustomer, RenameCustomer
+from cqrs.commands.db import make_session_factory
+from cqrs.commands.errors import CommandRejected
+from cqrs.commands.handlers import execute
+from cqrs.commands.migrations import ensure_schema
+from cqrs.commands.orders import PlaceOrder
+from cqrs.console import EXIT_USAGE, fail, heading, out
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.worker import Worker
+from cqrs.queries.cli import orders_table, product_table, render_customer, render_order
+from cqrs.queries.service import QueryService
+from cqrs.relay.outbox import Relay
+from cqrs.settings import Settings
+from cqrs.urls import mask_url
 from cqrs.wiring import Wiring
-from projector.registry import PROJECTIONS
-from projector.worker import Worker
-from queries.cli import _orders_table, _product_table, render_customer, render_order
-from queries.service import QueryService
 
 PRODUCT_NAMES = [
     "Espresso Beans",
@@ -132,10 +140,7 @@ def project_until_current(wiring: Wiring, expected_entries: int) -> None:
 
 
 def run_demo(wiring: Wiring) -> None:
-    from commands.cli import ensure_schema
-    from commands.db import make_session_factory
-
-    ensure_schema(wiring)
+    ensure_schema(wiring.engine)
     session_factory = make_session_factory(wiring.engine)
     rng = random.Random()
     heading("1. commands: seeding through the write services")
@@ -147,18 +152,18 @@ def run_demo(wiring: Wiring) -> None:
     queries = QueryService(wiring.redis, wiring.keys, partitions=wiring.settings.partitions)
     heading("3. queries, served only from Redis")
     product = queries.get_product(products[0])
-    out.print(_product_table([product], f"product {product.id}"))
+    out.print(product_table([product], f"product {product.id}"))
     catalog = queries.list_products(sort="price", limit=10)
-    out.print(_product_table(catalog.items, "catalog by price (first page)"))
+    out.print(product_table(catalog.items, "catalog by price (first page)"))
     order_id, customer_id = orders[0]
     render_order(queries.get_order(order_id))
     render_customer(queries.get_customer(customer_id))
     out.print(
-        _orders_table(
+        orders_table(
             queries.customer_orders(customer_id, limit=10).items, "their orders, newest first"
         )
     )
-    out.print(_product_table(queries.top_products(limit=5), "top products by units sold"))
+    out.print(product_table(queries.top_products(limit=5), "top products by units sold"))
     heading("4. a customer renames; the order views follow")
     before = queries.get_order(order_id).customer_name
     renamed = execute(
@@ -169,3 +174,50 @@ def run_demo(wiring: Wiring) -> None:
     after = queries.get_order(order_id)
     out.print(f"order {after.id}: customer_name {before!r} -> {after.customer_name!r}")
     out.print("[green]demo done[/green]: try `cqrs query order ID`, `cqrs serve`, `cqrs verify`")
+
+
+def _is_embedded_database(settings: Settings) -> bool:
+    """True when the database is the embedded one: no URL set, or the URL the embedded
+    server answers on (as `cqrs up` printed it)."""
+    if settings.database_url is None:
+        return True
+    from cqrs.embedded import status
+
+    try:
+        embedded = status(settings.home).get("postgres")
+    except Exception:  # an unreadable state file: not provably ours
+        return False
+    url = embedded.get("url") if isinstance(embedded, dict) else None
+    return bool(url) and mask_url(str(url)) == mask_url(settings.database_url)
+
+
+def demo_command(
+    yes: bool = typer.Option(
+        False,
+        "--yes",
+        "-y",
+        help="Write the demo data without asking, even to a database that is not the embedded one.",
+    ),
+) -> None:
+    """Seed a small shop, project it, and show the views (embedded servers by default)."""
+
+    settings = load_settings()
+    if not yes and not _is_embedded_database(settings):
+        # Demo rows in someone's real database are hard to take back: ask, and never hang
+        # waiting for an answer nobody can type.
+        target = mask_url(settings.database_url or "")
+        if not sys.stdin.isatty():
+            fail(
+                f"demo would write {DEMO_SIZE} to {target} (not the embedded database); "
+                "pass --yes to do it non-interactively",
+                EXIT_USAGE,
+            )
+        if not typer.confirm(f"Write demo data ({DEMO_SIZE}) to {target}?", err=True):
+            fail("demo not run; nothing written")
+    wiring = Wiring(settings)
+    try:
+        run_demo(wiring)
+    except OperationalError as exc:
+        fail_unreachable(exc)
+    finally:
+        wiring.close()
