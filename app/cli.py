@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import sys
 from importlib.metadata import entry_points
+from pathlib import Path
 from typing import Any
 
 import typer
@@ -130,11 +131,20 @@ def root(
 def up(
     status: bool = typer.Option(False, "--status", help="Report the servers, start nothing."),
     json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
+    cluster: bool = typer.Option(
+        False,
+        "--cluster",
+        help="A local Redis Cluster instead (3 masters + 3 replicas on loopback ports); "
+        "prints the URL of one node.",
+    ),
 ) -> None:
     """Start the embedded PostgreSQL and Valkey servers (or reuse them) and print their URLs."""
     from cqrs import embedded
 
     settings = load_settings()
+    if cluster:
+        _up_cluster(settings.home, status=status, json_output=json_output)
+        return
     if status:
         report = embedded.status(settings.home)
         for name in ("postgres", "redis"):
@@ -169,16 +179,41 @@ def up(
         out.print(f"CQRS_REDIS_URL={data['redis_url']}")
 
 
+def _up_cluster(home: Path, *, status: bool, json_output: bool) -> None:
+    """`cqrs up --cluster`: start (or reuse) the local cluster under `home` (cqrs.cluster)."""
+    from cqrs import cluster
+
+    if status:
+        report = cluster.status(home)
+        if json_output:
+            print_json(report)
+        else:
+            out.print(f"local cluster: {'running' if report['running'] else 'stopped'}")
+            for node in report["nodes"]:
+                alive = "up" if node["alive"] else "down"
+                out.print(f"  {node['role']}: {alive}  pid {node['pid']}  {node['url']}")
+        raise typer.Exit(0 if report["running"] else 1)
+    try:
+        local, _ = cluster.ensure_started(home)
+    except cluster.ClusterError as exc:
+        fail(str(exc))
+    if json_output:
+        print_json({"redis_url": local.url, "nodes": [n.url for n in local.nodes]})
+    else:
+        out.print(f"CQRS_REDIS_URL={local.url}")
+
+
 @app.command()
 def down(
     json_output: bool = typer.Option(False, "--json", help="One JSON object on stdout."),
 ) -> None:
-    """Stop exactly the embedded server processes that `cqrs up` (or first use) started."""
-    from cqrs import embedded
+    """Stop exactly the embedded server processes that `cqrs up` (or first use) started,
+    and the local cluster of `cqrs up --cluster` if there is one."""
+    from cqrs import cluster, embedded
 
     settings = load_settings()
     try:
-        stopped = embedded.stop(settings.home)
+        stopped = embedded.stop(settings.home) + cluster.stop(settings.home)
     except embedded.EmbeddedError as exc:
         fail(str(exc))
     if json_output:
