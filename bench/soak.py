@@ -1133,7 +1133,7 @@ def _clean_up(
         shutil.rmtree(home, ignore_errors=True)
         # As root, PostgreSQL may run from a per-home directory in /var/tmp (see
         # cqrs.embedded); it belongs to this run's home alone.
-        shutil.rmtree(embedded._external_root(home), ignore_errors=True)
+        shutil.rmtree(embedded.external_root(home), ignore_errors=True)
 
 
 def _keep_logs(log_dir: Path, report: dict[str, Any]) -> None:

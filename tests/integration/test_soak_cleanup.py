@@ -91,7 +91,7 @@ def test_a_stopped_soak_leaves_no_process_and_no_directory(
             what="every process the soak started to be gone",
         )
         assert not home.exists(), sorted(str(p) for p in home.rglob("*"))[:20]
-        assert not embedded._external_root(home).exists()
+        assert not embedded.external_root(home).exists()
         assert f"stopped by {signum.name}" in log_path.read_text()
     finally:
         # Only what this test started (the soak) and what the soak started, by PID.
