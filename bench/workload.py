@@ -21,8 +21,21 @@ Why it looks like this:
 * **Every command.** Products are created (with stock), renamed, repriced and restocked
   (both ways); customers registered and renamed; orders placed with 1-4 distinct lines,
   cancelled and shipped. Names include non-ASCII text so case-folded indexes are exercised.
-* **Observable while running.** Pass your own `WorkloadReport` as `report=` and read its
-  counters from another thread (a crash test kills processes at chosen points of progress).
+* **Hostile on request.** `hostile=` is the share of commands that must never write: input
+  the command models refuse (`ValidationError`: empty or control-character names, bad
+  prices, bad emails, zero quantities, an order listing a product twice), well-formed
+  commands about aggregates that do not exist (`NotFound`) and an email that differs only
+  in case from a registered one (`Duplicate`). The soak runs with it; tests that count
+  events leave it at 0.
+* **Survives its servers on request.** Exceptions listed in `transient=` (the soak restarts
+  PostgreSQL under the writers) are counted and the writer pauses briefly instead of
+  failing; anything else still propagates.
+* **Observable while running.** Pass your own `WorkloadReport` as `report=` (and your own
+  `Population` as `population=`) and read them from another thread: a crash test kills
+  processes at chosen points of progress, the soak's readers query the aggregates the
+  writers created.
+* **One generator.** Benchmarks, the soak and the tests (`tests/` imports `bench.workload`;
+  both run from the repository root) share this module, so the command mix is written once.
 """
 
 from __future__ import annotations
@@ -32,11 +45,12 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_EXCEPTION, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from pydantic import ValidationError
 from sqlalchemy import Engine
 from sqlalchemy.orm import sessionmaker
 
@@ -48,7 +62,7 @@ from cqrs.commands.handlers import execute
 from cqrs.commands.orders import CancelOrder, OrderItem, PlaceOrder, ShipOrder
 from cqrs.commands.results import CommandResult
 
-__all__ = ["COMMAND_WEIGHTS", "WorkloadReport", "generate"]
+__all__ = ["COMMAND_WEIGHTS", "Population", "WorkloadReport", "generate"]
 
 
 class HasEngine(Protocol):
@@ -81,11 +95,16 @@ MIN_CUSTOMERS = 3
 NEGATIVE_RESTOCK = 0.3
 # Share of cancels/ships aimed at an order that is already closed (refused on purpose).
 CLOSED_ORDER_RETRY = 0.05
+# How long a writer waits after a `transient` error (a server restarting): no busy loop.
+TRANSIENT_PAUSE = 0.1
 
 _ADJECTIVES = ("Blue", "Small", "Heavy", "Quiet", "Smart", "Grüne", "Éclair", "Ångström", "Big")
 _NOUNS = ("Widget", "Gadget", "Kettle", "Lamp", "Straße Map", "Café Mug", "Drill", "Chair")
 _FIRST = ("Ann", "Bob", "Chloé", "Dmitri", "Eve", "Fatima", "Günter", "Hiro", "Inès", "Jo")
 _LAST = ("Smith", "Müller", "Okafor", "Tanaka", "García", "Nguyen", "Łukasz", "O'Brien")
+# Input the command models must refuse (exit 2 on the CLI): never reaches a handler.
+_BAD_NAMES = ("", "   ", "tab\there", "bell\x07", "zero\u200bwidth", "x" * 201)
+_BAD_PRICES = ("-1.00", "1.234", "NaN", "inf", "abc", "99999999999.00")
 
 
 @dataclass
@@ -95,12 +114,17 @@ class WorkloadReport:
 
     attempted: int = 0
     committed: int = 0
-    rejected: int = 0
+    rejected: int = 0  # refused by the state (CommandRejected)
+    invalid: int = 0  # refused by the input rules (ValidationError), `hostile` only
+    failed: int = 0  # a `transient` error: a server was down
     events: int = 0  # sum of len(result.events) over committed commands
     seconds: float = 0.0
     committed_by_command: Counter[str] = field(default_factory=Counter)
     # "<Command>:<Rejection>", e.g. "PlaceOrder:InsufficientStock".
     rejected_by_reason: Counter[str] = field(default_factory=Counter)
+    # "<model title>.<first field>", e.g. "CreateProduct.price".
+    invalid_by_reason: Counter[str] = field(default_factory=Counter)
+    failed_by_error: Counter[str] = field(default_factory=Counter)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def _committed(self, command: object, result: CommandResult) -> None:
@@ -116,29 +140,47 @@ class WorkloadReport:
             self.rejected += 1
             self.rejected_by_reason[f"{type(command).__name__}:{type(exc).__name__}"] += 1
 
+    def _invalid(self, exc: ValidationError) -> None:
+        where = ".".join(str(p) for p in exc.errors()[0]["loc"][:1])
+        with self._lock:
+            self.attempted += 1
+            self.invalid += 1
+            self.invalid_by_reason[f"{exc.title}.{where}"] += 1
+
+    def _failed(self, exc: BaseException) -> None:
+        with self._lock:
+            self.attempted += 1
+            self.failed += 1
+            self.failed_by_error[type(exc).__name__] += 1
+
     def summary(self) -> str:
         """One line for benchmark output and test logs."""
         rate = self.attempted / self.seconds if self.seconds else 0.0
+        extra = f", {self.invalid} invalid" if self.invalid else ""
+        extra += f", {self.failed} failed" if self.failed else ""
         return (
-            f"{self.attempted} commands ({self.committed} committed, {self.rejected} rejected), "
-            f"{self.events} events in {self.seconds:.1f}s ({rate:.0f} commands/s); "
+            f"{self.attempted} commands ({self.committed} committed, {self.rejected} rejected"
+            f"{extra}), {self.events} events in {self.seconds:.1f}s ({rate:.0f} commands/s); "
             f"rejected: {dict(self.rejected_by_reason)}"
         )
 
 
-class _Population:
-    """The aggregates this workload created and saw committed, shared by its writers.
+class Population:
+    """The aggregates this workload created and saw committed, shared by its writers (and
+    by whoever else reads them under `lock`, like the soak's query readers).
 
     Open orders are taken out of the list by the writer that cancels or ships them, so two
     writers rarely race for the same transition; the loser of a race that does happen is
-    simply refused (InvalidTransition) and counted.
+    simply refused (InvalidTransition) and counted. `orders` keeps every placed order.
     """
 
-    def __init__(self, tag: str) -> None:
+    def __init__(self, tag: str = "") -> None:
         self.tag = tag
         self.lock = threading.Lock()
         self.products: list[uuid.UUID] = []
         self.customers: list[uuid.UUID] = []
+        self.emails: list[str] = []
+        self.orders: list[uuid.UUID] = []
         self.open_orders: list[uuid.UUID] = []
         self.closed_orders: list[uuid.UUID] = []
         self._serial = 0
@@ -173,15 +215,22 @@ class _Writer:
         self,
         rng: random.Random,
         session_factory: sessionmaker,
-        population: _Population,
+        population: Population,
         report: WorkloadReport,
         after_commit: Callable[[CommandResult], None] | None,
+        *,
+        hostile: float = 0.0,
+        transient: tuple[type[BaseException], ...] = (),
+        pause: Callable[[float], object] = time.sleep,
     ) -> None:
         self.rng = rng
         self.session_factory = session_factory
         self.pop = population
         self.report = report
         self.after_commit = after_commit
+        self.hostile = hostile
+        self.transient = transient
+        self.pause = pause
 
     def _run(self, command: object) -> CommandResult | None:
         try:
@@ -189,10 +238,23 @@ class _Writer:
         except CommandRejected as exc:
             self.report._rejected(command, exc)
             return None
+        except self.transient as exc:
+            self.report._failed(exc)
+            self.pause(TRANSIENT_PAUSE)  # the server is (re)starting: do not spin
+            return None
         self.report._committed(command, result)
         if self.after_commit is not None:
             self.after_commit(result)
         return result
+
+    def _build_and_run(self, build: Callable[[], object]) -> CommandResult | None:
+        """Build the command first: a hostile input fails in its model, before any handler."""
+        try:
+            command = build()
+        except ValidationError as exc:
+            self.report._invalid(exc)
+            return None
+        return self._run(command)
 
     def _choose(self) -> str:
         with self.pop.lock:
@@ -202,6 +264,8 @@ class _Writer:
             return "create_product"
         if customers < MIN_CUSTOMERS:
             return "register_customer"
+        if self.hostile and self.rng.random() < self.hostile:
+            return "hostile"
         kind = self.rng.choices(list(COMMAND_WEIGHTS), weights=list(COMMAND_WEIGHTS.values()))[0]
         if kind in ("cancel_order", "ship_order") and not open_orders:
             return "place_order"
@@ -228,7 +292,9 @@ class _Writer:
         """Issue one command."""
         rng, pop = self.rng, self.pop
         kind = self._choose()
-        if kind == "create_product":
+        if kind == "hostile":
+            self._hostile(pop.serial())
+        elif kind == "create_product":
             n = pop.serial()
             result = self._run(
                 CreateProduct(
@@ -244,16 +310,14 @@ class _Writer:
                     pop.products.append(result.id)
         elif kind == "register_customer":
             n = pop.serial()
+            email = f"c{n}.{pop.tag}@example.com"
             result = self._run(
-                RegisterCustomer(
-                    email=f"c{n}.{pop.tag}@example.com",
-                    name=_person_name(rng),
-                    customer_id=_uuid(rng),
-                )
+                RegisterCustomer(email=email, name=_person_name(rng), customer_id=_uuid(rng))
             )
             if result is not None:
                 with pop.lock:
                     pop.customers.append(result.id)
+                    pop.emails.append(email)
         elif kind == "rename_product":
             n = pop.serial()
             self._run(
@@ -278,6 +342,7 @@ class _Writer:
             if result is not None:
                 with pop.lock:
                     pop.open_orders.append(result.id)
+                    pop.orders.append(result.id)
         else:
             order = self._take_order()
             if order is None:  # another writer took the last open order meanwhile
@@ -290,6 +355,35 @@ class _Writer:
                 if order not in pop.closed_orders:
                     pop.closed_orders.append(order)
 
+    def _hostile(self, n: int) -> None:
+        """One command that must write nothing: refused by its model or by the state."""
+        rng = self.rng
+        product, customer = self._pick(self.pop.products), self._pick(self.pop.customers)
+        ghost = _uuid(rng)
+        with self.pop.lock:
+            # Registered already, in another case: refused whatever the case (Duplicate).
+            taken = rng.choice(self.pop.emails).upper() if self.pop.emails else "not-an-email"
+        cases: list[Callable[[], object]] = [
+            lambda: CreateProduct(sku=f"X-{n}", name=rng.choice(_BAD_NAMES), price="1.00"),
+            lambda: CreateProduct(sku=f"X-{n}", name="ok", price=rng.choice(_BAD_PRICES)),
+            lambda: RegisterCustomer(email="not-an-email", name="N"),
+            lambda: RestockProduct(product_id=product, qty=0),
+            lambda: PlaceOrder(  # the same product on two lines
+                customer_id=customer,
+                items=[{"product_id": product, "qty": 1}, {"product_id": product, "qty": 2}],
+            ),
+            lambda: PlaceOrder(
+                customer_id=customer,
+                items=[{"product_id": product, "qty": rng.choice((0, -3))}],
+            ),
+            lambda: RenameProduct(product_id=ghost, name="Ghost"),
+            lambda: CancelOrder(order_id=ghost),
+            lambda: PlaceOrder(customer_id=customer, items=[{"product_id": ghost, "qty": 1}]),
+            lambda: PlaceOrder(customer_id=ghost, items=[{"product_id": product, "qty": 1}]),
+            lambda: RegisterCustomer(email=taken, name=_person_name(rng)),
+        ]
+        self._build_and_run(rng.choice(cases))
+
 
 def _session_factory(target: HasEngine | sessionmaker) -> sessionmaker:
     if isinstance(target, sessionmaker):
@@ -300,34 +394,54 @@ def _session_factory(target: HasEngine | sessionmaker) -> sessionmaker:
 def generate(
     rng: random.Random,
     target: HasEngine | sessionmaker,
-    n_commands: int,
+    n_commands: int | None = None,
     *,
     writers: int = 1,
     report: WorkloadReport | None = None,
     after_commit: Callable[[CommandResult], None] | None = None,
     stop: threading.Event | None = None,
+    until: Callable[[WorkloadReport], bool] | None = None,
+    hostile: float = 0.0,
+    transient: tuple[type[BaseException], ...] = (),
+    population: Population | None = None,
 ) -> WorkloadReport:
-    """Issue `n_commands` random commands (fewer if `stop` is set) and report what happened.
+    """Issue `n_commands` random commands and report what happened; fewer if `stop` is set
+    or `until(report)` turns true (checked before each command, so a caller can stop at a
+    number of events or raise at its own deadline). `n_commands=None`: until one of those.
 
     `target` is a wiring (anything with `.engine`) or a session factory. With `writers` > 1
     the commands are shared among that many threads that contend for the same aggregates,
     as concurrent clients do. `after_commit` runs in the writer's thread after each
     committed command (e.g. to publish right away as the CLI does). Refused commands are
-    counted in the report; any other exception stops every writer and is raised here.
+    counted in the report, and so are `transient` errors; any other exception stops every
+    writer and is raised here. `hostile` and `population`: see the module docstring.
     """
-    if n_commands < 0:
+    if n_commands is not None and n_commands < 0:
         raise ValueError("n_commands must not be negative")
+    if n_commands is None and stop is None and until is None:
+        raise ValueError("without n_commands, pass stop or until: the run must end")
     if writers < 1:
         raise ValueError("writers must be at least 1")
+    if not 0.0 <= hostile < 1.0:
+        raise ValueError("hostile is a share: at least 0, below 1")
     report = report if report is not None else WorkloadReport()
     session_factory = _session_factory(target)
-    population = _Population(tag=f"{rng.getrandbits(40):010x}")
+    tag = f"{rng.getrandbits(40):010x}"
+    if population is None:
+        population = Population(tag)
+    elif not population.tag:
+        population.tag = tag
     halt = threading.Event()
-    tickets = iter(range(n_commands))
+    tickets: Iterator[int] = iter(range(n_commands)) if n_commands is not None else _forever()
     tickets_lock = threading.Lock()
+
+    def pause(seconds: float) -> None:
+        (stop or halt).wait(seconds)
 
     def take_ticket() -> bool:
         if halt.is_set() or (stop is not None and stop.is_set()):
+            return False
+        if until is not None and until(report):
             return False
         with tickets_lock:
             return next(tickets, None) is not None
@@ -343,7 +457,14 @@ def generate(
     # Seeds are drawn before any thread starts, so they depend on `rng` alone.
     workers = [
         _Writer(
-            random.Random(rng.getrandbits(64)), session_factory, population, report, after_commit
+            random.Random(rng.getrandbits(64)),
+            session_factory,
+            population,
+            report,
+            after_commit,
+            hostile=hostile,
+            transient=transient,
+            pause=pause,
         )
         for _ in range(writers)
     ]
@@ -360,3 +481,10 @@ def generate(
     finally:
         report.seconds = time.monotonic() - started
     return report
+
+
+def _forever() -> Iterator[int]:
+    n = 0
+    while True:
+        yield n
+        n += 1
