@@ -10,14 +10,22 @@ from __future__ import annotations
 
 import random
 import sys
-import threading
 import uuid
+from typing import Any
 
 import typer
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import sessionmaker
 
+from cqrs.app.drain import drain_all
 from cqrs.cli import fail_unreachable, load_settings
 from cqrs.commands.catalog import CreateProduct
 from cqrs.commands.customers import RegisterCustomer, RenameCustomer
@@ -31,7 +39,6 @@ from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
 from cqrs.queries.cli import orders_table, product_table, render_customer, render_order
 from cqrs.queries.service import QueryService
-from cqrs.relay.outbox import Relay
 from cqrs.settings import Settings
 from cqrs.urls import mask_url
 from cqrs.wiring import Wiring
@@ -105,8 +112,23 @@ def seed(session_factory: sessionmaker, rng: random.Random) -> tuple[list, list,
     return products, customers, orders, events
 
 
+class _ProgressBar:
+    """Worker metrics (`WorkerMetrics`, reported once per batch) that move the bar."""
+
+    def __init__(self, progress: Progress, task: TaskID, worker: Worker, total: int) -> None:
+        self.progress, self.task, self.worker, self.total = progress, task, worker, total
+
+    def projected(self, applied: Any, failed: Any, seconds: float) -> None:
+        self.progress.update(self.task, completed=min(self.worker.stats.acked, self.total))
+
+    def dead_lettered(self, projection: str, count: int) -> None:
+        pass
+
+    def reconnected(self, component: str) -> None:
+        pass
+
+
 def project_until_current(wiring: Wiring, expected_entries: int) -> None:
-    relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
     worker = Worker(
         wiring.redis,
         wiring.settings,
@@ -124,19 +146,9 @@ def project_until_current(wiring: Wiring, expected_entries: int) -> None:
         transient=False,
     ) as progress:
         task = progress.add_task("events", total=total)
-        relay.drain()
-        stop = threading.Event()
-        while True:
-            if worker.needs_build:
-                worker.build_missing(stop)
-            handled = worker.run_once(drain=True)
-            progress.update(task, completed=min(worker.stats.acked, total))
-            if not handled and worker.caught_up():
-                break
-            if not handled:
-                worker._wait_for_work(stop, 0.05)
+        worker.metrics = _ProgressBar(progress, task, worker, total)
+        drain_all(wiring, worker=worker)
         progress.update(task, completed=total)
-    worker.release_all()
 
 
 def run_demo(wiring: Wiring) -> None:

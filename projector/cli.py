@@ -26,6 +26,7 @@ from cqrs.projector.verify import verify
 from cqrs.projector.worker import Worker
 from cqrs.signals import install_stop_handlers
 from cqrs.startup import prepare_or_exit
+from cqrs.tuning import tune_gc
 from cqrs.wiring import Wiring
 
 dlq_app = typer.Typer(
@@ -73,6 +74,7 @@ def project_command(
         if metrics is not None:
             add_projection_gauges(metrics, wiring, projections)
             worker.metrics = metrics
+        tune_gc(wiring.settings.projector_gc_threshold)
         worker.run(stop, drain=drain)
     finally:
         wiring.close()
@@ -302,6 +304,7 @@ def replay_command(
     stop = threading.Event()
     install_stop_handlers(stop)
     summaries = []
+    tune_gc(wiring.settings.projector_gc_threshold)
     try:
         for projection in chosen:
             replayer = Replayer(wiring.redis, wiring.settings, projection, wiring.database_url)

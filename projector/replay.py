@@ -41,7 +41,6 @@ from cqrs.projector.projection import Projection
 from cqrs.projector.scripts import Scripts
 from cqrs.projector.state import ProjectionState, live_generation, read_state, write_state
 from cqrs.projector.steps import Step, run_steps
-from cqrs.projector.worker import tune_gc
 from cqrs.settings import Settings
 from cqrs.streams import stream_partitions
 from cqrs.urls import libpq_url
@@ -417,7 +416,6 @@ class Replayer:
         turn out valid: another worker built them since this one last looked."""
         if source not in ("auto", "stream", "log"):
             raise ReplayError(f"unknown source {source!r} (auto, stream or log)")
-        tune_gc(self.settings.projector_gc_threshold)
         name = self.projection.name
         progress = progress or (lambda _done, _total: None)
         started = time.monotonic()

@@ -20,7 +20,6 @@ dead-letter stream and is acknowledged, so a poison event never stops a projecti
 from __future__ import annotations
 
 import contextlib
-import gc
 import logging
 import math
 import os
@@ -109,23 +108,6 @@ def _as_dict(flat: Any) -> dict[str, str] | None:
         return flat
     it = iter(flat)
     return dict(zip(it, it, strict=True))
-
-
-def tune_gc(threshold: int) -> None:
-    """Collect garbage less often in a process that projects.
-
-    Nearly everything a batch allocates (entry dicts, steps, argument lists) is freed by
-    reference counting alone, yet every 700 allocations CPython runs a young-generation
-    collection, and every 100th of those a full one over every object of the process
-    (pydantic schemas, modules). Measured in-process over 20k events: 58-61 us of CPU
-    per entry at the defaults, 43-46 with a threshold of 20k-100k, 42-45 with collection
-    off. The objects alive at this point (imports, schemas) are moved out of the
-    collector's way for good (`gc.freeze`). Process-wide, like any GC setting."""
-    if threshold <= 0:
-        return
-    gc.freeze()
-    _gen0, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(threshold, max(gen1, 20), max(gen2, 20))
 
 
 class Worker:
@@ -948,8 +930,8 @@ class Worker:
             self.maintain(drain=drain)
 
     def run(self, stop: threading.Event, *, drain: bool = False) -> None:
-        """Project until `stop` is set (or, with `drain`, until everything is applied)."""
-        tune_gc(self.settings.projector_gc_threshold)
+        """Project until `stop` is set (or, with `drain`, until everything is applied).
+        Process-wide GC tuning is the entry point's (`cqrs.tuning.tune_gc`), not ours."""
         backoff = 0.1
         try:
             while not stop.is_set():

@@ -33,13 +33,15 @@ from bench.scenarios import Context
 from bench.scenarios.commands import Shop
 from bench.scenarios.projection import prepare_live
 from bench.stats import Figure, Row, percentile
+from cqrs.app.drain import drain_all
 from cqrs.commands.db import make_session_factory
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
 from cqrs.relay.outbox import Relay
 from cqrs.settings import Settings
-from cqrs.wiring import make_engine, make_redis
+from cqrs.tuning import tune_gc
+from cqrs.wiring import Wiring, make_engine, make_redis
 
 RATES = (200, 500)
 WRITER_PROCESSES = 2
@@ -200,11 +202,14 @@ def project_latencies(
     )
     engine.dispose()
     # The shop's setup events are relayed and projected before the clock starts.
-    Relay(settings.database_url or "", client, settings).drain()
     prepare_live(client, keys, ["bench-e2e-setup", "bench-e2e"], settings.partitions)
-    Worker(client, settings, list(PROJECTIONS.values()), consumer="bench-e2e-setup").run(
-        threading.Event(), drain=True
-    )
+    tune_gc(settings.projector_gc_threshold)  # as `cqrs run` does
+    setup = Wiring(settings)
+    try:
+        worker = Worker(setup.redis, settings, PROJECTIONS.values(), consumer="bench-e2e-setup")
+        drain_all(setup, worker=worker)
+    finally:
+        setup.close()
     products = [str(p) for p in shop.products]
     customers = [str(c) for c in shop.customers]
     targets = ["bench.scenarios.e2e:relay_round", "bench.scenarios.projection:worker_round"]

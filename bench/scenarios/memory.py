@@ -31,6 +31,7 @@ from cqrs.keys import KeyMap
 from cqrs.projector.orders import LINE_ATTRIBUTES, line_field
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
+from cqrs.tuning import tune_gc
 from cqrs.wiring import make_redis
 
 SAMPLE = 2000
@@ -90,6 +91,7 @@ def run(ctx: Context) -> list[Row]:
         xadd_history(client, keys, history.events(n_events), partitions=settings.partitions)
         prepare_live(client, keys, ["bench-memory"], settings.partitions)
         rss_before = psutil.Process().memory_info().rss
+        tune_gc(settings.projector_gc_threshold)  # as `cqrs project` does
         Worker(client, settings, list(PROJECTIONS.values()), consumer="bench-memory").run(
             threading.Event(), drain=True
         )

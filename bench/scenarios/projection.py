@@ -27,6 +27,7 @@ from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.replay import unlink_pattern
 from cqrs.projector.state import ProjectionState, write_state
 from cqrs.settings import Settings
+from cqrs.tuning import tune_gc
 from cqrs.wiring import make_redis
 
 WORKER_ROUND = "bench.scenarios.projection:worker_round"
@@ -44,6 +45,7 @@ def worker_round(
     worker = Worker(client, settings, list(PROJECTIONS.values()), consumer=consumer)
     ready()
     go.wait()
+    tune_gc(settings.projector_gc_threshold)  # as `cqrs project` does
     worker.run(stop)
     client.close()
     stats = worker.stats

@@ -39,6 +39,7 @@ from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
 from cqrs.queries.service import QueryService
 from cqrs.settings import Settings
+from cqrs.tuning import tune_gc
 from cqrs.wiring import make_redis
 
 # HTTP servers take turns every HTTP_BLOCK requests rather than every request: each is a
@@ -114,6 +115,7 @@ def build_views(settings: Settings, n_events: int) -> History:
     xadd_history(client, keys, list(history.events(n_events)), partitions=settings.partitions)
     prepare_live(client, keys, ["bench-queries"], settings.partitions)
     worker = Worker(client, settings, list(PROJECTIONS.values()), consumer="bench-queries")
+    tune_gc(settings.projector_gc_threshold)  # as `cqrs project` does
     worker.run(threading.Event(), drain=True)
     client.close()
     return history

@@ -23,6 +23,7 @@ from bench.stats import Figure, Row
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.replay import Replayer, unlink_pattern
+from cqrs.tuning import tune_gc
 from cqrs.wiring import make_redis
 
 SEED = 11
@@ -57,6 +58,7 @@ def run(ctx: Context) -> list[Row]:
         )
         streams = [keys.stream(p) for p in range(partitions)]
         handled = {name: list(p.handlers) for name, p in PROJECTIONS.items()}
+        tune_gc(settings.projector_gc_threshold)  # as `cqrs replay` does
         with ConsumerPool(1) as pool:
             for rep in range(ctx.repeat):
                 for source in ("stream", "log"):

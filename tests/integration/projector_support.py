@@ -3,11 +3,11 @@ relaying, draining the real worker, and snapshots of the namespace's view keys."
 
 from __future__ import annotations
 
-import threading
 import uuid
 from collections.abc import Iterable
 from datetime import UTC, datetime
 
+from cqrs.app.drain import drain_all
 from cqrs.commands.db import make_session_factory
 from cqrs.commands.handlers import execute
 from cqrs.commands.results import CommandResult
@@ -30,14 +30,15 @@ def relay_all(wiring: Wiring) -> int:
 
 
 def drain(wiring: Wiring, projections: Iterable[Projection] | None = None) -> Worker:
-    relay_all(wiring)
+    """Relay and project until caught up (the composition's one drain loop); the worker
+    is returned for its stats."""
     worker = Worker(
         wiring.redis,
         wiring.settings,
         projections or PROJECTIONS.values(),
         database_url=wiring.database_url,
     )
-    worker.run(threading.Event(), drain=True)
+    drain_all(wiring, worker=worker)
     return worker
 
 
