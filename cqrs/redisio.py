@@ -15,11 +15,22 @@ costs speed, not correctness.
 
 from __future__ import annotations
 
+import contextlib
+import time
 from typing import Any
 
 import redis
+from redis.crc import key_slot
+from redis.exceptions import (
+    AskError,
+    ClusterDownError,
+    DataError,
+    MovedError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import DataError, ResponseError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 try:  # redis[hiredis] is a dependency; the fallback only keeps a bare redis-py working
     from hiredis import pack_command as _pack_command
@@ -83,7 +94,12 @@ def read_replies(conn: Any, count: int) -> list[Any]:
 def round_trip(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any]:
     """Every command in one write on one pooled connection, every reply read (errors in
     their place, like `execute(raise_on_error=False)`). A connection error disconnects
-    and raises: replies may be left unread, so that socket is never handed out again."""
+    and raises: replies may be left unread, so that socket is never handed out again.
+
+    On a Redis Cluster client: one packed write per node holding the commands' slots
+    (`cluster_round_trip`)."""
+    if is_cluster_client(client):
+        return cluster_round_trip(client, commands)
     pool = client.connection_pool
     conn = pool.get_connection()
     try:
@@ -102,3 +118,191 @@ def hash_fields(reply: Any) -> dict[str, str]:
         return reply
     it = iter(reply or ())
     return dict(zip(it, it, strict=False))
+
+
+# --- Redis Cluster ---------------------------------------------------------------------
+#
+# The routing rule (every command this project sends in a packed round trip obeys it):
+# a command is routed by ONE key, the one `command_key` finds:
+#   - EVAL/EVALSHA(_RO): the first key after numkeys (`EVALSHA sha n key...`); a script's
+#     keys share one hash tag (cqrs.keys), so the first names the slot of all;
+#   - XREAD/XREADGROUP: the first key after STREAMS (we read one stream per command);
+#   - PUBLISH, SPUBLISH, PING, ECHO: no key; sent after every keyed command of the trip
+#     has replied, so a wake-up never overtakes the writes it announces (on one node
+#     that order comes free: one connection, one queue);
+#   - everything else: args[1] (HGETALL/HGET/GET/EXISTS/XADD/XACK/XPENDING/XCLAIM/XRANGE/
+#     ZADD/SET ... key ...). A multi-key command (EXISTS a b) must keep its keys in one
+#     slot; Redis answers CROSSSLOT otherwise, in that command's place.
+_EVALS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
+_STREAM_READS = frozenset({"XREAD", "XREADGROUP"})
+_KEYLESS = frozenset({"PUBLISH", "SPUBLISH", "PING", "ECHO"})
+# Replies that mean "ask the cluster again": the slot moved (failover, resharding), is
+# migrating, or the cluster is between states. Retried after a slot-map refresh.
+_REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
+# Tries of a cluster round trip (the first included) before the errors stand.
+CLUSTER_ATTEMPTS = 3
+
+
+def is_cluster_client(client: Any) -> bool:
+    """A `redis.cluster.RedisCluster` (sync); the async twin has `nodes_manager` too."""
+    return hasattr(client, "nodes_manager")
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def command_key(args: tuple[Any, ...]) -> Any | None:
+    """The key that routes `args` on a cluster (see the rule above); None: any node."""
+    name = _text(args[0]).upper()
+    if name in _KEYLESS:
+        return None
+    if name in _EVALS:
+        return args[3] if int(args[2]) > 0 else None
+    if name in _STREAM_READS:
+        for i, arg in enumerate(args):
+            if isinstance(arg, str | bytes) and _text(arg).upper() == "STREAMS":
+                return args[i + 1]
+        return None
+    return args[1] if len(args) > 1 else None
+
+
+def slot_of(key: Any) -> int:
+    return key_slot(key if isinstance(key, bytes) else str(key).encode())
+
+
+def _send_and_read(
+    pools: list[Any], batches: list[tuple[list[int], list[tuple[Any, ...]]]]
+) -> list[tuple[list[int], list[Any] | BaseException]]:
+    """Send every batch (one per node) before reading any reply, so the nodes execute
+    their parts at the same time: a trip over three masters takes about the time of the
+    slowest, not the sum, without threads. A node that fails gives its exception in
+    place of its replies (its socket dropped); other nodes are read regardless."""
+    sent: list[tuple[Any, Any, list[int], int]] = []
+    outcome: list[tuple[list[int], list[Any] | BaseException]] = []
+    try:
+        for node_pool, (indexes, commands) in zip(pools, batches, strict=True):
+            conn = node_pool.get_connection()
+            try:
+                conn.send_packed_command([b"".join(pack(args) for args in commands)])
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                conn.disconnect()
+                node_pool.release(conn)
+                outcome.append((indexes, exc))
+                continue
+            except BaseException:
+                conn.disconnect()
+                node_pool.release(conn)
+                raise
+            sent.append((node_pool, conn, indexes, len(commands)))
+        while sent:
+            node_pool, conn, indexes, count = sent.pop(0)
+            try:
+                outcome.append((indexes, read_replies(conn, count)))
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                conn.disconnect()
+                outcome.append((indexes, exc))
+            except BaseException:
+                conn.disconnect()
+                raise
+            finally:
+                node_pool.release(conn)
+    except BaseException:
+        for node_pool, conn, _, _ in sent:  # replies left unread: never reuse the sockets
+            conn.disconnect()
+            node_pool.release(conn)
+        raise
+    return outcome
+
+
+def cluster_round_trip(client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """`round_trip` on a `RedisCluster`: commands grouped by the master of their slot
+    (the client's slot cache), one packed write per master, all sent before any reply
+    is read; keyless commands (PUBLISH) after the rest (see the routing rule).
+
+    Replies come back in the commands' order. Each node keeps the order of its own
+    commands; commands on different nodes touch different keys, so no order between
+    them is promised or needed (a script's keys, and a stream and its group, share a
+    slot).
+
+    MOVED/ASK/TRYAGAIN/CLUSTERDOWN replies and connection errors (a master died, its
+    replica not yet promoted) refresh the slot map and resend only the affected commands,
+    up to `CLUSTER_ATTEMPTS` tries in all; then a connection error raises redis-py's
+    ConnectionError (every caller's back-off handles it) and redirect replies stay in
+    their place as errors. Resending is safe for what we send: reads, idempotent
+    version-gated scripts, XACK, and XADDs of the relay whose duplicates the gates
+    absorb (docs/scaling.md)."""
+    replies: list[Any] = [None] * len(commands)
+    keys = [command_key(c) for c in commands]
+    keyed = [i for i, k in enumerate(keys) if k is not None]
+    keyless = [i for i, k in enumerate(keys) if k is None]
+    for phase in (keyed, keyless):
+        todo, asking = phase, {}
+        failure: BaseException | None = None
+        for attempt in range(CLUSTER_ATTEMPTS):
+            if not todo:
+                break
+            if attempt:
+                _refresh(client)
+            groups: dict[str, tuple[Any, list[int], list[tuple[Any, ...]]]] = {}
+            for i in todo:
+                node = asking.get(i) or _node_for(client, keys[i])
+                _, indexes, batch = groups.setdefault(node.name, (node, [], []))
+                indexes.append(i)
+                if i in asking:  # ASK: this one command, on the importing node
+                    batch.append(("ASKING",))
+                batch.append(commands[i])
+            pools = [client.get_redis_connection(n).connection_pool for n, _, _ in groups.values()]
+            batches = [(ix, batch) for _, ix, batch in groups.values()]
+            asked, todo, asking, failure = asking, [], {}, None
+            for indexes, result in _send_and_read(pools, batches):
+                if isinstance(result, BaseException):
+                    failure = result
+                    todo += indexes
+                    continue
+                results = iter(result)
+                for i in indexes:
+                    if i in asked:
+                        next(results)  # ASKING's own +OK
+                    reply = replies[i] = next(results)
+                    if isinstance(reply, AskError):
+                        asking[i] = _node_at(client, reply)
+                        todo.append(i)
+                    elif isinstance(reply, _REDIRECTS):
+                        todo.append(i)
+            todo.sort()
+        if failure is not None and todo:
+            raise RedisConnectionError(
+                f"Redis Cluster: {len(todo)} command(s) failed after {CLUSTER_ATTEMPTS} "
+                f"tries: {failure}"
+            ) from failure
+    return replies
+
+
+def _node_for(client: Any, key: Any | None) -> Any:
+    if key is None:
+        return client.get_default_node()
+    return client.nodes_manager.get_node_from_slot(slot_of(key))
+
+
+def _node_at(client: Any, error: AskError) -> Any:
+    host, port = error.node_addr
+    node = client.get_node(host=host, port=int(port))
+    if node is None:
+        _refresh(client)
+        node = client.get_node(host=host, port=int(port))
+    return node or client.get_default_node()
+
+
+def _refresh(client: Any) -> None:
+    """Ask the cluster for its slot map again (after MOVED, or a node that stopped
+    answering). A refresh that fails (every known node unreachable right now) keeps the
+    old map: the next try fails the same way and the caller's back-off takes over."""
+    time.sleep(0.05)  # a failover or migration step in progress: give it a moment
+    with contextlib.suppress(redis.RedisError, OSError):
+        client.nodes_manager.initialize()
+    default = client.get_default_node()
+    if default is None or default.server_type != "primary":
+        primaries = client.get_primaries()
+        if primaries:
+            client.set_default_node(primaries[0])

@@ -34,6 +34,12 @@ class Settings(BaseSettings):
         description="Redis, `redis://host:port/db` or `rediss://` for TLS; unset: the embedded "
         "Valkey server under `home` (pip extra `embedded`)",
     )
+    redis_cluster: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Redis Cluster mode: `auto` asks the node `redis_url` names (`INFO "
+        "cluster`) and uses the cluster client when it says `cluster_enabled:1`; `on`/`off` "
+        "force either mode (docs/scaling.md)",
+    )
     database_connect_timeout: int = Field(
         default=5,
         ge=1,
@@ -200,6 +206,18 @@ class Settings(BaseSettings):
     def _check_namespace(cls, value: str) -> str:
         if not _NAMESPACE_RE.match(value):
             raise ValueError("namespace must be 1-64 characters of letters, digits, '_', '.', '-'")
+        return value
+
+    @field_validator("redis_cluster", mode="before")
+    @classmethod
+    def _cluster_mode(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower() or "auto"
+            return {"true": "on", "1": "on", "yes": "on", "false": "off", "0": "off"}.get(
+                value, value
+            )
+        if isinstance(value, bool):
+            return "on" if value else "off"
         return value
 
     @field_validator("log_format", "log_level", mode="before")

@@ -212,18 +212,25 @@ def wait_until_reachable(
 
 
 def wait_for_redis(
-    client: redis.Redis,
+    client: redis.Redis | Callable[[], redis.Redis],
     url: str,
     *,
     stop: threading.Event,
     deadline: float | None,
     level: int = logging.WARNING,
 ) -> None:
-    """Until Redis answers PING (a loading Redis answers LOADING, which waits too)."""
+    """Until Redis answers PING (a loading Redis answers LOADING, which waits too).
+
+    `client` may be a function that builds the client: building it asks a node whether
+    it is in a cluster (cqrs.wiring), which waits for Redis like the PING does."""
+
+    def ping() -> None:
+        (client() if callable(client) else client).ping()
+
     wait_until_reachable(
         "Redis",
         url,
-        client.ping,
+        ping,
         unavailable=redis_unavailable,
         stop=stop,
         deadline=deadline,
@@ -269,7 +276,9 @@ def prepare_to_start(
     level = logging.WARNING if long_running else logging.DEBUG
     if postgres:
         wait_for_postgres(wiring.database_url, stop=stop, deadline=deadline, level=level)
-    wait_for_redis(wiring.redis, wiring.redis_url, stop=stop, deadline=deadline, level=level)
+    wait_for_redis(
+        lambda: wiring.redis, wiring.redis_url, stop=stop, deadline=deadline, level=level
+    )
     refuse_evicting_redis(wiring.redis, wiring.settings)
 
 

@@ -8,33 +8,81 @@ embedded servers under `settings.home` are started (or reused) on first use.
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any, cast
+from urllib.parse import urlsplit, urlunsplit
 
 import redis
 from sqlalchemy import Engine, create_engine
 
 from cqrs.keys import KeyMap
+from cqrs.redisio import is_cluster_client
 from cqrs.settings import Settings
 from cqrs.urls import redis_url as to_redis_url
 from cqrs.urls import sqlalchemy_url, with_connect_timeout
 
 
-def make_redis(url: str, settings: Settings) -> redis.Redis:
-    """A client whose socket timeout stays above every blocking read we issue
-    (BLOCK longer than the socket timeout would raise a spurious TimeoutError).
+def redis_options(settings: Settings) -> dict[str, Any]:
+    """Client options shared by the single-node and the cluster client.
+
+    The socket timeout stays above every blocking read we issue (BLOCK longer than the
+    socket timeout would raise a spurious TimeoutError).
 
     Replies are decoded with errors="replace": everything we write is UTF-8, but anyone
     who can XADD can put other bytes in a stream, and a strict decoder would then fail
     every read of that entry (XREADGROUP, XAUTOCLAIM, XINFO STREAM) and crash every worker
     forever. Replaced, the entry reads as malformed and is dead-lettered like any poison."""
-    return redis.Redis.from_url(
-        to_redis_url(url),
-        decode_responses=True,
-        encoding_errors="replace",
-        socket_timeout=settings.redis_socket_timeout,
-        socket_connect_timeout=5,
-        health_check_interval=30,
-        retry_on_timeout=False,
-    )
+    return {
+        "decode_responses": True,
+        "encoding_errors": "replace",
+        "socket_timeout": settings.redis_socket_timeout,
+        "socket_connect_timeout": 5,
+        "health_check_interval": 30,
+        "retry_on_timeout": False,
+    }
+
+
+def redis_is_cluster(url: str, settings: Settings) -> bool:
+    """Whether `url` names a node of a Redis Cluster (`CQRS_REDIS_CLUSTER`: auto|on|off).
+
+    `auto` asks the node (`INFO cluster`): one round trip, once per process, so pointing
+    at any node of a cluster is enough. A node that cannot be reached raises redis-py's
+    ConnectionError, which start-up waits treat like an unreachable Redis (the mode is
+    then decided when it answers, never guessed)."""
+    mode = settings.redis_cluster
+    if mode != "auto":
+        return mode == "on"
+    options = {**redis_options(settings), "health_check_interval": 0}
+    probe = redis.Redis.from_url(to_redis_url(url), **options)
+    try:
+        return str(probe.info("cluster").get("cluster_enabled", "0")) == "1"
+    finally:
+        probe.close()
+
+
+def make_redis(url: str, settings: Settings, *, cluster: bool | None = None) -> redis.Redis:
+    """The process's synchronous client: `redis.Redis`, or `redis.cluster.RedisCluster`
+    when the URL names a cluster node (`redis_is_cluster`; `cluster` skips the question).
+
+    Typed as `redis.Redis` because every caller uses the command API the two share; the
+    hot paths that go below it (`cqrs.redisio`) check which one they got. TLS (`rediss://`)
+    and ACL users/passwords come from the URL either way."""
+    if cluster is None:
+        cluster = redis_is_cluster(url, settings)
+    if cluster:
+        from redis.cluster import RedisCluster
+
+        # db 0 only on a cluster; the path is dropped rather than refused so one URL
+        # serves both modes.
+        client = RedisCluster.from_url(_without_db(to_redis_url(url)), **redis_options(settings))
+        return cast(redis.Redis, client)
+    return redis.Redis.from_url(to_redis_url(url), **redis_options(settings))
+
+
+def _without_db(url: str) -> str:
+    parts = urlsplit(url)
+    if parts.path not in ("", "/", "/0"):
+        raise ValueError(f"a Redis Cluster has only database 0, not {parts.path.lstrip('/')}")
+    return urlunsplit(parts._replace(path=""))
 
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
@@ -80,8 +128,15 @@ class Wiring:
         return make_engine(self.database_url)
 
     @cached_property
+    def redis_cluster(self) -> bool:
+        """Whether Redis is a cluster (asked once; see `redis_is_cluster`)."""
+        if "redis" in self.__dict__:
+            return is_cluster_client(self.__dict__["redis"])
+        return redis_is_cluster(self.redis_url, self.settings)
+
+    @cached_property
     def redis(self) -> redis.Redis:
-        return make_redis(self.redis_url, self.settings)
+        return make_redis(self.redis_url, self.settings, cluster=self.redis_cluster)
 
     def close(self) -> None:
         if "engine" in self.__dict__:

@@ -21,7 +21,7 @@ import redis
 from redis.exceptions import DataError, NoScriptError
 
 from cqrs.projector.scripts import Scripts
-from cqrs.redisio import pack, read_replies, round_trip
+from cqrs.redisio import is_cluster_client, pack, read_replies, round_trip
 
 # Version-gate statuses (projector.scripts): MISSING is a gap too, of another kind: the
 # view (or the aggregate record) an event updates does not exist, so the event that creates
@@ -141,6 +141,8 @@ def _first_round(
     way, so the round means the same. An event whose steps cannot even be encoded (a
     handler bug) fails alone, before anything of it is sent. `after`, if given, is one more
     command sent behind the round (its reply is dropped)."""
+    if is_cluster_client(client):
+        return _first_round_cluster(client, scripts, per_event, errors, after)
     pending: list[tuple[int, Step]] = []
     pool = client.connection_pool
     conn = pool.get_connection()
@@ -179,6 +181,53 @@ def _first_round(
         for i, result in zip(missing, again, strict=True):
             results[i] = result
     return pending, results
+
+
+def _first_round_cluster(
+    client: redis.Redis,
+    scripts: Scripts,
+    per_event: Iterable[list[Step]],
+    errors: list[str | None],
+    after: tuple[Any, ...] | None,
+) -> tuple[list[tuple[int, Step]], list[Any]]:
+    """`_first_round` on a Redis Cluster: the round is built whole, then sent as one
+    packed write per master (`cqrs.redisio.cluster_round_trip`; the masters execute
+    their parts at the same time). `after` (a PUBLISH) goes once every write of the
+    round has replied, as on one node."""
+    pending: list[tuple[int, Step]] = []
+    commands: list[tuple[Any, ...]] = []
+    shas = scripts.shas
+    for index, steps in enumerate(per_event):
+        errors.append(None)
+        if not steps:
+            continue
+        try:
+            args = [_command_args(step, shas) for step in steps]
+            for one in args:
+                pack(one)  # a step that cannot be encoded fails its event alone
+        except DataError as exc:
+            errors[index] = f"DataError: {exc}"
+            continue
+        pending += [(index, step) for step in steps]
+        commands += args
+    if after is not None and pending:
+        commands.append(after)
+    results = round_trip(client, commands)[: len(pending)] if pending else []
+    return pending, _reload_missing(client, scripts, [s for _, s in pending], results)
+
+
+def _reload_missing(
+    client: redis.Redis, scripts: Scripts, steps: list[Step], results: list[Any]
+) -> list[Any]:
+    """Steps that got NOSCRIPT, sent again after loading the scripts (on every master of
+    a cluster: a promoted replica starts with an empty script cache)."""
+    missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if missing:
+        scripts.load()
+        again = round_trip(client, [_command_args(steps[i], scripts.shas) for i in missing])
+        for i, result in zip(missing, again, strict=True):
+            results[i] = result
+    return results
 
 
 def _gap_error(step: Step, status: int) -> str:
