@@ -107,10 +107,13 @@ def check_eviction(client: redis.Redis, keys: KeyMap, info: dict[str, Any]) -> C
 
 def _bytes_per_view(client: redis.Redis, keys: KeyMap) -> dict[str, int]:
     """Average MEMORY USAGE of a few live view hashes per projection."""
+    from cqrs.contracts import registered_contracts
+
+    # Every registered projection's served views (`<prefix>:<kind>:{<id>}`, the layout
+    # every contract's views share: `ViewKeys.tagged`).
     samples = {
-        "products": lambda v: v.product("*"),
-        "customers": lambda v: v.customer("*"),
-        "orders": lambda v: v.order("*"),
+        name: lambda v, kinds=sorted(contract.view_kinds()): v.tagged(kinds[0], "*")
+        for name, contract in registered_contracts().items()
     }
     sizes: dict[str, int] = {}
     for name, pattern in samples.items():

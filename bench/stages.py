@@ -32,6 +32,7 @@ from bench.scenarios.commands import Shop
 from bench.scenarios.projection import prepare_live
 from bench.stats import percentile
 from cqrs.commands.db import make_session_factory
+from cqrs.contracts import registered_contracts
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
@@ -71,10 +72,13 @@ def probe(backend: BenchBackend, commands: int) -> dict[str, list[float]]:
                 marks = [
                     (mark, event.version)
                     for event in result.events
-                    for name in PROJECTIONS
+                    for name, contract in registered_contracts().items()
                     if (
-                        mark := keys.applied_marks(
-                            name, 1, event.aggregate_type, event.aggregate_id, event.partition_key
+                        mark := contract.applied(  # type: ignore[misc]
+                            keys.views(name, 1),
+                            event.aggregate_type,
+                            event.aggregate_id,
+                            event.partition_key,
                         )
                     )
                 ]

@@ -120,6 +120,18 @@ class ViewKeys:
     def pattern(self) -> str:
         return f"{self.prefix}:*"
 
+    # --- the generic builders every contract's key layout is made of -----------------
+    def tagged(self, kind: str, tag: UUID | str) -> str:
+        """A key of one aggregate (or other unit) of the view: `<prefix>:<kind>:{<tag>}`.
+        Keys a step touches together share `tag`, so the step stays in one cluster slot.
+        `tag` must come from the code (an id, a validated date), never from user text."""
+        return f"{self.prefix}:{kind}:{{{tag}}}"
+
+    def index(self, kind: str, tag: str) -> str:
+        """A key of the whole generation (an index), tagged by the index it belongs to:
+        an index and its bookkeeping share `tag` and so one slot."""
+        return f"{self.prefix}:{kind}:{{{self.prefix}:{tag}}}"
+
     # products
     def product(self, product_id: UUID | str) -> str:
         return f"{self.prefix}:product:{{{product_id}}}"

@@ -91,7 +91,10 @@ def verify_command(
     json_output: bool = typer.Option(False, "--json", help="Print the differences as JSON."),
     limit: int = typer.Option(50, "--limit", min=1, help="Show at most this many differences."),
 ) -> None:
-    """Recompute every view from PostgreSQL and compare field by field; exit 1 on any difference."""
+    """Recompute every view from PostgreSQL and compare field by field; exit 1 on any difference.
+
+    Every registered projection is checked (plugins too), each by its contract's
+    expectation, and named in the output."""
     wiring = Wiring(load_settings())
     try:
         generations = {
@@ -103,6 +106,7 @@ def verify_command(
     if json_output:
         print_json(
             {
+                "projections": list(generations),
                 "differences": len(diffs),
                 "shown": [d.__dict__ for d in diffs[:limit]],
             }
@@ -110,7 +114,13 @@ def verify_command(
     else:
         for diff in diffs[:limit]:
             out.print(str(diff), markup=False)
-        out.print(f"{len(diffs)} difference(s)" if diffs else "views match PostgreSQL")
+        checked = ", ".join(generations)
+        out.print(
+            f"{len(diffs)} difference(s) (checked {checked})"
+            if diffs
+            else f"views match PostgreSQL ({checked})",
+            markup=False,
+        )
     if diffs:
         raise typer.Exit(1)
 

@@ -22,6 +22,7 @@ from cqrs.events import (
     OrderShipped,
 )
 from cqrs.keys import ViewKeys
+from cqrs.projector.contracts.customers import CONTRACT
 from cqrs.projector.projection import Projection, cents
 from cqrs.projector.steps import NEED_GATE, NEED_TARGET, Step, apply
 
@@ -77,6 +78,7 @@ def on_order_shipped(event: EventHeader, p: OrderShipped, views: ViewKeys) -> li
 CUSTOMERS = Projection(
     name="customers",
     version=1,
+    contract=CONTRACT,
     handlers={
         "CustomerRegistered": on_registered,
         "CustomerRenamed": on_renamed,

@@ -1,20 +1,6 @@
-"""The `orders` projection: one hash per order, denormalized across the three services.
-
-View `order:{id}`: id, customer_id, customer_name (the customer's *current* name),
-customer_version (the customer version that name is from), status, line_count, then
-per line n (1-based) `line:<n>:product_id`, `line:<n>:name`,
-`line:<n>:unit_price` (name and price as at order time), `line:<n>:qty`,
-`line:<n>:line_total`; total, placed_at, shipped_at, cancelled_at, version.
-One field per line attribute keeps every value short, so Redis keeps the hash in its
-compact listpack encoding (values <= `hash-max-listpack-value`, 64 bytes by default; 100
-lines and 10 other fields are 510 fields, under `hash-max-listpack-entries` 512). All lines
-in one JSON field were ~100 bytes per line and made every order view a `hashtable` of ~1.5x
-the bytes. A product or customer name longer than 64 bytes (names may have 200 characters)
-still converts that one view to a `hashtable`: correct, just larger.
-
-Index `customer-orders:{customer}`:
-the customer's orders as a lexicographic sorted set (score 0, member
-`<placed_at ms, zero-padded>:<order id>`), so "newest first" pages by an opaque cursor.
+"""The `orders` projection's handlers: one hash per order, denormalized across the three
+services, and each customer's orders newest first (layout, encoders and read model: its
+contract, `projector.contracts.orders`).
 
 A customer's events and their orders' events share a partition (the write side uses the
 customer id as partition key), so they arrive here in commit order. The projection keeps
@@ -32,9 +18,7 @@ dead-lettered, never a partial view or an index entry.
 
 from __future__ import annotations
 
-from datetime import datetime
 from typing import Any
-from uuid import UUID
 
 from cqrs.events import (
     CustomerRegistered,
@@ -45,23 +29,15 @@ from cqrs.events import (
     OrderShipped,
 )
 from cqrs.keys import ViewKeys
+from cqrs.projector.contracts.orders import (
+    CONTRACT,
+    LINE_ATTRIBUTES,  # noqa: F401 (re-exported: the line encoders' old home)
+    line_field,
+    order_member,
+    order_member_id,
+)
 from cqrs.projector.projection import Projection
 from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
-
-LINE_ATTRIBUTES = ("product_id", "name", "unit_price", "qty", "line_total")
-
-
-def line_field(n: int, attribute: str) -> str:
-    """The view field of attribute `attribute` of line `n` (1-based)."""
-    return f"line:{n}:{attribute}"
-
-
-def order_member(placed_at: datetime, order_id: UUID | str) -> str:
-    return f"{int(placed_at.timestamp() * 1000):015d}:{order_id}"
-
-
-def order_member_id(member: str) -> str:
-    return member.rsplit(":", 1)[-1]
 
 
 def _customer_name_changed(
@@ -159,6 +135,7 @@ ORDERS = Projection(
     # 2: lines as one field per attribute (was one JSON field `lines`).
     # 3: customer_version on the order (stale fan-outs refused).
     version=3,
+    contract=CONTRACT,
     handlers={
         "CustomerRegistered": on_customer_registered,
         "CustomerRenamed": on_customer_renamed,

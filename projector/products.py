@@ -1,17 +1,13 @@
-"""The `products` projection: one hash per product plus the catalog indexes.
+"""The `products` projection's handlers: one hash per product plus the catalog indexes
+(the layout, encoders and read model are its contract, `projector.contracts.products`).
 
-View `product:{id}`: id, sku, name, price, stock, units_sold, revenue, version.
-Indexes: by name and by price are lexicographic sorted sets (all scores 0, members
-`<casefolded name>\\x00<name>\\x00<id>` and `<cents, zero-padded>\\x00<id>`), so pages
-continue after an opaque cursor even while products are added; top products is scored by
-units_sold. Index entries are recomputed from the view after every event, so replays and
+Index entries are recomputed from the view after every event, so replays and
 duplicates converge instead of drifting.
 """
 
 from __future__ import annotations
 
 from typing import Any
-from uuid import UUID
 
 from cqrs.events import (
     EventHeader,
@@ -23,32 +19,18 @@ from cqrs.events import (
     StockReserved,
 )
 from cqrs.keys import ViewKeys
+from cqrs.projector.contracts.products import (
+    CONTRACT,
+    CREATES,
+    REINDEX_NAME,
+    REINDEX_PRICE,
+    REINDEX_TOP,
+    member_id,  # noqa: F401 (re-exported: the index encoders' old home)
+    name_member,
+    price_member,
+)
 from cqrs.projector.projection import Projection, cents
 from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
-
-NAME_SEPARATOR = "\x00"
-
-
-def name_member(name: str, product_id: UUID | str) -> str:
-    return f"{name.casefold()}{NAME_SEPARATOR}{name}{NAME_SEPARATOR}{product_id}"
-
-
-def price_member(price: str, product_id: UUID | str) -> str:
-    return f"{cents(price):015d}{NAME_SEPARATOR}{product_id}"
-
-
-def member_id(member: str) -> str:
-    """The product id at the end of an index member."""
-    return member.rsplit(NAME_SEPARATOR, 1)[-1]
-
-
-# Which events recompute which index (each index's version record keeps, per product, the
-# version of the last such event applied: `cqrs verify` derives it from the event log with
-# these same sets), and the one event that may create a view.
-REINDEX_NAME = frozenset({"ProductCreated", "ProductRenamed"})
-REINDEX_PRICE = frozenset({"ProductCreated", "ProductRepriced"})
-REINDEX_TOP = frozenset({"ProductCreated", "StockReserved", "StockReleased"})
-CREATES = "ProductCreated"
 
 
 def _steps(event: EventHeader, views: ViewKeys, ops: list[tuple[str, str, Any]]) -> list[Step]:
@@ -185,6 +167,7 @@ PRODUCTS = Projection(
     name="products",
     # 2: index keys with hash tags and per-product index versions (stale-worker safe).
     version=2,
+    contract=CONTRACT,
     handlers={
         "ProductCreated": on_created,
         "ProductRenamed": on_renamed,

@@ -1,15 +1,18 @@
-"""What a projection is: a name, a version, and one handler per event type.
+"""What a projection is: its view contract, a version, and one handler per event type.
 
-Adding a projection is one module defining a `Projection` and one line in
-`projector.registry`. Handlers are pure: they read nothing and return steps that write
-only the projection's own keys (so a replay can never fire anything outside them).
+Adding a projection is a contract (`cqrs.contracts.ViewContract`), handlers, and one entry
+point in the group `cqrs.projections` naming the `Projection` (docs/architecture.md,
+"Write your own projection"). Handlers are pure: they read nothing and return steps that
+write only the projection's own keys (so a replay can never fire anything outside them).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
+from cqrs.contracts import ContractError, ViewContract
+from cqrs.contracts import cents as cents
 from cqrs.events import (
     PAYLOAD_TYPES,
     EventEnvelope,
@@ -30,6 +33,29 @@ class Projection:
     # Bump when the handlers change meaning: the views are then rebuilt from history.
     version: int
     handlers: dict[str, Handler]
+    # What the views are (keys, read model, read-your-writes rule, verify expectation).
+    # Optional only for test doubles that reuse a registered projection's handlers.
+    contract: ViewContract | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        """Registration checks: a projection that forgot a part fails when it is built
+        (at import, or when the registry loads its entry point), naming what is wrong."""
+        if self.contract is not None and self.contract.name != self.name:
+            raise ContractError(
+                f"projection {self.name!r}: its contract is named {self.contract.name!r}"
+            )
+        if not isinstance(self.version, int) or self.version < 1:
+            raise ContractError(f"projection {self.name!r}: version must be an integer >= 1")
+        if not self.handlers:
+            raise ContractError(f"projection {self.name!r}: it has no handlers")
+        unknown = sorted(t for t in self.handlers if t not in PAYLOAD_TYPES)
+        if unknown:
+            raise ContractError(
+                f"projection {self.name!r}: handlers for unknown event types {unknown}"
+            )
+        bad = sorted(t for t, h in self.handlers.items() if not callable(h))
+        if bad:
+            raise ContractError(f"projection {self.name!r}: handlers for {bad} are not callable")
 
     def handles(self, event_type: str) -> bool:
         return event_type in self.handlers
@@ -63,10 +89,3 @@ class Projection:
         if handler is None:
             return None
         return handler(event, event.typed_payload(), views)
-
-
-def cents(amount: object) -> int:
-    """Money string/Decimal -> integer cents for the Lua money op (exact, no floats)."""
-    from decimal import Decimal
-
-    return int((Decimal(str(amount)) * 100).to_integral_exact())

@@ -1,10 +1,40 @@
-"""Every projection the system runs. Adding one: a module plus one line here."""
+"""Every projection the system runs: the entry points of the group `cqrs.projections`.
+
+The three built-in projections are registered in this project's pyproject.toml exactly as
+a plugin registers its own (examples/sales-by-day), and loaded through the kernel's one
+loader (`cqrs.contracts.load_registered`), which the query side uses for the contracts.
+Each entry point must name a `Projection` carrying its contract; anything else, or a
+projection that lacks a part, stops the process at start with the projection's name.
+"""
 
 from __future__ import annotations
 
-from cqrs.projector.customers import CUSTOMERS
-from cqrs.projector.orders import ORDERS
-from cqrs.projector.products import PRODUCTS
+from collections.abc import Iterable
+from importlib.metadata import EntryPoint
+
+from cqrs.contracts import ContractError, Registered, load_registered, registered
 from cqrs.projector.projection import Projection
 
-PROJECTIONS: dict[str, Projection] = {p.name: p for p in (PRODUCTS, CUSTOMERS, ORDERS)}
+
+def projections_of(loaded: dict[str, Registered]) -> dict[str, Projection]:
+    """The `Projection` of each loaded entry point, checked."""
+    out: dict[str, Projection] = {}
+    for name, entry in loaded.items():
+        projection = entry.value
+        if not isinstance(projection, Projection):
+            raise ContractError(
+                f"projection {name!r}: the entry point must name a Projection (contract and "
+                f"handlers), not {type(projection).__name__}"
+            )
+        if projection.contract is None:
+            raise ContractError(f"projection {name!r}: registered without a contract")
+        out[name] = projection
+    return out
+
+
+def load_projections(points: Iterable[EntryPoint] | None = None) -> dict[str, Projection]:
+    """{name: Projection} of `points` (default: every installed entry point)."""
+    return projections_of(registered() if points is None else load_registered(points))
+
+
+PROJECTIONS: dict[str, Projection] = load_projections()

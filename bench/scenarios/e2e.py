@@ -35,6 +35,7 @@ from bench.scenarios.projection import prepare_live
 from bench.stats import Figure, Row, percentile
 from cqrs.app.drain import drain_all
 from cqrs.commands.db import make_session_factory
+from cqrs.contracts import registered_contracts
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
@@ -146,9 +147,11 @@ def writer_round(
                 committed[k] = time.perf_counter()
                 marks = []
                 for e in result.events:
-                    for name in PROJECTIONS:
-                        mark = keys.applied_marks(
-                            name, 1, e.aggregate_type, e.aggregate_id, e.partition_key
+                    for name, contract in registered_contracts().items():
+                        rule = contract.applied
+                        assert rule is not None  # refused at registration otherwise
+                        mark = rule(
+                            keys.views(name, 1), e.aggregate_type, e.aggregate_id, e.partition_key
                         )
                         if mark:
                             marks.append((mark[0], mark[1], e.version))

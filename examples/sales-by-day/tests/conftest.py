@@ -1,0 +1,22 @@
+"""The example's tests run against real PostgreSQL and Redis with the project's own test
+fixtures (tests/conftest.py of the repository this example lives in): a database and a
+Redis namespace of each test's own. Installed elsewhere, without that repository, they
+have nothing to run against and are skipped."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[3]
+if (REPO / "tests" / "conftest.py").exists() and str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+pytest.importorskip("cqrs_sales_by_day", reason="pip install -e examples/sales-by-day")
+pytest.importorskip("tests.conftest", reason="the cqrs-projector repository's test fixtures")
+
+from tests.conftest import backend, cli_env, database_url, settings, wiring  # noqa: E402
+
+__all__ = ["backend", "cli_env", "database_url", "settings", "wiring"]
