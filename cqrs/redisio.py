@@ -127,15 +127,17 @@ def hash_fields(reply: Any) -> dict[str, str]:
 #   - EVAL/EVALSHA(_RO): the first key after numkeys (`EVALSHA sha n key...`); a script's
 #     keys share one hash tag (cqrs.keys), so the first names the slot of all;
 #   - XREAD/XREADGROUP: the first key after STREAMS (we read one stream per command);
-#   - PUBLISH, SPUBLISH, PING, ECHO: no key; sent after every keyed command of the trip
-#     has replied, so a wake-up never overtakes the writes it announces (on one node
-#     that order comes free: one connection, one queue);
+#   - PUBLISH, PING, ECHO: no key (any node). PUBLISH and SPUBLISH (routed by its
+#     channel) are sent after every other command of the trip has replied, so a wake-up
+#     never overtakes the writes it announces (on one node that order comes free: one
+#     connection, one queue);
 #   - everything else: args[1] (HGETALL/HGET/GET/EXISTS/XADD/XACK/XPENDING/XCLAIM/XRANGE/
 #     ZADD/SET ... key ...). A multi-key command (EXISTS a b) must keep its keys in one
 #     slot; Redis answers CROSSSLOT otherwise, in that command's place.
 _EVALS = frozenset({"EVAL", "EVALSHA", "EVAL_RO", "EVALSHA_RO", "FCALL", "FCALL_RO"})
 _STREAM_READS = frozenset({"XREAD", "XREADGROUP"})
-_KEYLESS = frozenset({"PUBLISH", "SPUBLISH", "PING", "ECHO"})
+_KEYLESS = frozenset({"PUBLISH", "PING", "ECHO"})
+_NOTIFICATIONS = frozenset({"PUBLISH", "SPUBLISH"})
 # Replies that mean "ask the cluster again": the slot moved (failover, resharding), is
 # migrating, or the cluster is between states. Retried after a slot-map refresh.
 _REDIRECTS = (MovedError, AskError, TryAgainError, ClusterDownError)
@@ -234,9 +236,10 @@ def cluster_round_trip(client: Any, commands: list[tuple[Any, ...]]) -> list[Any
     absorb (docs/scaling.md)."""
     replies: list[Any] = [None] * len(commands)
     keys = [command_key(c) for c in commands]
-    keyed = [i for i, k in enumerate(keys) if k is not None]
-    keyless = [i for i, k in enumerate(keys) if k is None]
-    for phase in (keyed, keyless):
+    last = [_text(c[0]).upper() in _NOTIFICATIONS for c in commands]
+    writes = [i for i, notify in enumerate(last) if not notify]
+    notifications = [i for i, notify in enumerate(last) if notify]
+    for phase in (writes, notifications):
         todo, asking = phase, {}
         failure: BaseException | None = None
         for attempt in range(CLUSTER_ATTEMPTS):
@@ -306,3 +309,156 @@ def _refresh(client: Any) -> None:
         primaries = client.get_primaries()
         if primaries:
             client.set_default_node(primaries[0])
+
+
+async def _send_and_read_simple(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    await conn.send_packed_command(b"".join(pack(args) for args in commands))
+    replies: list[Any] = []
+    for _ in commands:
+        try:
+            replies.append(await conn.read_response())
+        except ResponseError as exc:
+            replies.append(exc)
+    return replies
+
+
+async def cluster_round_trip_async(
+    client: Any,
+    commands: list[tuple[Any, ...]],
+    send_and_read: Any = _send_and_read_simple,
+) -> list[Any]:
+    """`cluster_round_trip` on `redis.asyncio.cluster.RedisCluster` (the HTTP server):
+    one packed write per master, the masters' parts awaited together, redirects and
+    failed nodes retried after a slot-map refresh (bounded), then ConnectionError.
+    `send_and_read(conn, commands)` writes and reads one node's part (the query side
+    passes its hiredis-direct reader)."""
+    import asyncio
+
+    await client.initialize()  # the slot map, once (a no-op after the first call)
+    replies: list[Any] = [None] * len(commands)
+    keys = [command_key(c) for c in commands]
+    last = [_text(c[0]).upper() in _NOTIFICATIONS for c in commands]
+    phases = ([i for i, n in enumerate(last) if not n], [i for i, n in enumerate(last) if n])
+
+    async def one_node(node: Any, batch: list[tuple[Any, ...]]) -> list[Any] | BaseException:
+        conn = node.acquire_connection()
+        try:
+            return list(await send_and_read(conn, batch))
+        except (RedisConnectionError, RedisTimeoutError, OSError, TimeoutError) as exc:
+            await conn.disconnect()
+            return exc
+        except BaseException:
+            await conn.disconnect()  # replies may be left unread on it
+            raise
+        finally:
+            node.release(conn)
+
+    for todo in phases:
+        failure: BaseException | None = None
+        for attempt in range(CLUSTER_ATTEMPTS):
+            if not todo:
+                break
+            if attempt:
+                await asyncio.sleep(0.05)
+                with contextlib.suppress(redis.RedisError, OSError):
+                    await client.nodes_manager.initialize()
+            groups: dict[str, tuple[Any, list[int]]] = {}
+            for i in todo:
+                node = (
+                    client.get_default_node()
+                    if keys[i] is None
+                    else client.nodes_manager.get_node_from_slot(slot_of(keys[i]))
+                )
+                groups.setdefault(node.name, (node, []))[1].append(i)
+            results = await asyncio.gather(
+                *(one_node(node, [commands[i] for i in ix]) for node, ix in groups.values())
+            )
+            todo, failure = [], None
+            for (_, indexes), result in zip(groups.values(), results, strict=True):
+                if isinstance(result, BaseException):
+                    failure = result
+                    todo += indexes
+                    continue
+                for i, reply in zip(indexes, result, strict=True):
+                    replies[i] = reply
+                    if isinstance(reply, _REDIRECTS):  # ASK included: asked again whole
+                        todo.append(i)
+            todo.sort()
+        if failure is not None and todo:
+            raise RedisConnectionError(
+                f"Redis Cluster: {len(todo)} command(s) failed after {CLUSTER_ATTEMPTS} "
+                f"tries: {failure}"
+            ) from failure
+    return replies
+
+
+# --- wake-ups (pub/sub) ----------------------------------------------------------------
+#
+# On one node: PUBLISH/SUBSCRIBE. On a cluster a PUBLISH is broadcast over the cluster
+# bus to every node, whoever listens, and costs every node the message; sharded pub/sub
+# (Redis 7+/Valkey: SPUBLISH/SSUBSCRIBE) keeps a channel on the master of its slot, where
+# its subscribers connect. Every wake-up of ours goes through these helpers, so a
+# publisher and its subscribers always agree on the kind.
+
+
+def publish_command(client: Any, channel: str, message: Any) -> tuple[Any, ...]:
+    """The wake-up as a command to pack into a round trip (`round_trip` sends it after
+    the trip's writes on a cluster)."""
+    return ("SPUBLISH" if is_cluster_client(client) else "PUBLISH", channel, message)
+
+
+def publish(client: Any, channel: str, message: Any) -> None:
+    """Send one wake-up now."""
+    round_trip(client, [publish_command(client, channel, message)])
+
+
+class Subscription:
+    """One channel's wake-ups on a synchronous client (sharded on a cluster). Connection
+    errors propagate: the callers' back-off drops the subscription and opens a new one,
+    which on a cluster finds the channel's master after a failover."""
+
+    def __init__(self, client: Any, channel: str) -> None:
+        self.sharded = is_cluster_client(client)
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+        try:
+            if self.sharded:
+                self.pubsub.ssubscribe(channel)
+            else:
+                self.pubsub.subscribe(channel)
+        except BaseException:
+            self.close()
+            raise
+
+    def get_message(self, timeout: float) -> Any | None:
+        """The next message, or None after `timeout` seconds (0: do not wait)."""
+        if self.sharded:
+            return self.pubsub.get_sharded_message(ignore_subscribe_messages=True, timeout=timeout)
+        return self.pubsub.get_message(timeout=timeout)
+
+    def close(self) -> None:
+        with contextlib.suppress(redis.RedisError, OSError):
+            self.pubsub.close()
+
+
+class AsyncSubscription:
+    """`Subscription` on redis.asyncio (the HTTP server's read-your-writes listener)."""
+
+    def __init__(self, client: Any) -> None:
+        self.sharded = is_cluster_client(client)
+        self.pubsub = client.pubsub(ignore_subscribe_messages=True)
+
+    async def subscribe(self, channel: str) -> None:
+        if self.sharded:
+            await self.pubsub.ssubscribe(channel)
+        else:
+            await self.pubsub.subscribe(channel)
+
+    async def get_message(self, timeout: float) -> Any | None:
+        if self.sharded:
+            return await self.pubsub.get_sharded_message(
+                ignore_subscribe_messages=True, timeout=timeout
+            )
+        return await self.pubsub.get_message(timeout=timeout)
+
+    async def aclose(self) -> None:
+        await self.pubsub.aclose()

@@ -71,14 +71,14 @@ def make_redis(url: str, settings: Settings, *, cluster: bool | None = None) -> 
     if cluster:
         from redis.cluster import RedisCluster
 
-        # db 0 only on a cluster; the path is dropped rather than refused so one URL
-        # serves both modes.
-        client = RedisCluster.from_url(_without_db(to_redis_url(url)), **redis_options(settings))
+        client = RedisCluster.from_url(cluster_url(to_redis_url(url)), **redis_options(settings))
         return cast(redis.Redis, client)
     return redis.Redis.from_url(to_redis_url(url), **redis_options(settings))
 
 
-def _without_db(url: str) -> str:
+def cluster_url(url: str) -> str:
+    """`url` for a cluster client: database 0 is the only one, so its path is dropped
+    (another database number is refused)."""
     parts = urlsplit(url)
     if parts.path not in ("", "/", "/0"):
         raise ValueError(f"a Redis Cluster has only database 0, not {parts.path.lstrip('/')}")

@@ -41,6 +41,7 @@ from cqrs.projector.projection import Projection
 from cqrs.projector.scripts import Scripts
 from cqrs.projector.state import ProjectionState, live_generation, read_state, write_state
 from cqrs.projector.steps import Step, run_steps
+from cqrs.redisio import publish
 from cqrs.settings import Settings
 from cqrs.streams import stream_partitions
 from cqrs.urls import libpq_url
@@ -465,7 +466,7 @@ class Replayer:
             switched = True
             self.scripts["release_lease"](keys=[self.keys.pause(name)], args=[self.replay_id])
             self.paused = False
-            self.redis.publish(self.keys.applied_channel(), 0)
+            publish(self.redis, self.keys.applied_channel(), 0)
             log.info("%s now serves generation %d", name, new)
             # Reads that fetched the old generation number a moment ago may still be
             # reading its keys: give them a moment before deleting.

@@ -41,7 +41,7 @@ from cqrs.projector.projection import Projection
 from cqrs.projector.scripts import Scripts
 from cqrs.projector.state import live_generation
 from cqrs.projector.steps import Step, run_steps
-from cqrs.redisio import hash_fields, round_trip
+from cqrs.redisio import Subscription, hash_fields, publish, publish_command, round_trip
 from cqrs.settings import Settings
 from cqrs.startup import EvictionWatch
 from cqrs.streams import parse_entry_id, stream_partitions
@@ -137,7 +137,7 @@ class Worker:
         self.views: dict[str, ViewKeys] = {}
         self.stats = WorkerStats()
         self._last_maintenance = 0.0
-        self._pubsub: redis.client.PubSub | None = None
+        self._pubsub: Subscription | None = None
         # Last error per pending entry, carried into its dead letter.
         self._last_errors: dict[tuple[str, str, str], str] = {}
         self._stuck_reads = 0  # reads in a row with entries and no progress
@@ -633,7 +633,7 @@ class Worker:
         outcome = run_steps(self.redis, self.scripts, per_event)
         results = [e1 or e2 for e1, e2 in zip(errors, outcome.errors, strict=True)]
         if any(r is None for r in results):
-            self.redis.publish(self.keys.applied_channel(), len(results))
+            publish(self.redis, self.keys.applied_channel(), len(results))
         return results
 
     def process(self, entries: list[Entry]) -> None:
@@ -689,7 +689,7 @@ class Worker:
         # events' version gates are written, and after the acknowledgements (for the gates
         # written in later rounds, e.g. an order's creation). A wake-up only makes them
         # look at the gates again, so an early one is never wrong, only sooner.
-        early = ("PUBLISH", self.keys.applied_channel(), len(entries))
+        early = publish_command(self.redis, self.keys.applied_channel(), len(entries))
         outcome = run_steps(self.redis, self.scripts, per_event(), after_first_round=early)
         self.stats.applied += outcome.applied
         self.stats.duplicates += outcome.duplicates
@@ -750,7 +750,7 @@ class Worker:
             finish.append(("XACK", stream, group, *ids))
             self.stats.acked += len(ids)
         if acks:
-            finish.append(("PUBLISH", self.keys.applied_channel(), len(entries)))
+            finish.append(publish_command(self.redis, self.keys.applied_channel(), len(entries)))
             finish += self._progress_commands(last_acked)
             # Packed like the reads (redis-py's Pipeline costs ~20 us per command, on
             # every event's latency); an error reply here is raised as the Pipeline would.
@@ -843,8 +843,7 @@ class Worker:
 
     def _wait_for_work(self, stop: threading.Event, timeout: float) -> None:
         if self._pubsub is None:
-            self._pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
-            self._pubsub.subscribe(self.keys.relay_wakeup_channel())
+            self._pubsub = Subscription(self.redis, self.keys.relay_wakeup_channel())
         deadline = time.monotonic() + timeout
         while not stop.is_set() and time.monotonic() < deadline:
             message = self._pubsub.get_message(
@@ -959,6 +958,8 @@ class Worker:
                     )
                     if self.metrics is not None:
                         self.metrics.reconnected("projector")
+                    if self._pubsub is not None:
+                        self._pubsub.close()
                     self._pubsub = None
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
@@ -968,5 +969,4 @@ class Worker:
         finally:
             self.release_all()
             if self._pubsub is not None:
-                with contextlib.suppress(_TRANSIENT):
-                    self._pubsub.close()
+                self._pubsub.close()

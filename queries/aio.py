@@ -19,7 +19,7 @@ import asyncio
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 import redis.asyncio
@@ -31,7 +31,9 @@ from cqrs.keys import KeyMap
 from cqrs.queries.errors import BadView, Busy
 from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
 from cqrs.queries.service import Plan, ViewPlans
+from cqrs.redisio import cluster_round_trip_async, is_cluster_client
 from cqrs.urls import redis_url as to_redis_url
+from cqrs.wiring import cluster_url
 
 T = TypeVar("T")
 
@@ -157,11 +159,25 @@ def make_async_redis(
     max_connections: int | None = None,
     pool_timeout: float = 5.0,
     client_name: str | None = None,
+    cluster: bool = False,
 ) -> redis.asyncio.Redis:
     """An asyncio client with `client_options`; with `max_connections`, on a
     `WaitingPool` of that size whose requests wait up to `pool_timeout` seconds for a
-    free connection (without, redis-py's default pool, which fails at once when full)."""
+    free connection (without, redis-py's default pool, which fails at once when full).
+
+    `cluster` (cqrs.wiring.redis_is_cluster): redis.asyncio's cluster client instead,
+    `max_connections` per node (it has no waiting pool: a node whose connections are all
+    busy fails the request at once)."""
     options = client_options(socket_timeout, client_name)
+    if cluster:
+        from redis.asyncio.cluster import RedisCluster
+
+        # Retries are the cluster client's business (redirects, failover), per request.
+        options.pop("retry_on_timeout", None)
+        if max_connections is not None:
+            options["max_connections"] = max_connections
+        client = RedisCluster.from_url(cluster_url(to_redis_url(url)), **options)
+        return cast(redis.asyncio.Redis, client)
     if max_connections is None:
         return redis.asyncio.Redis.from_url(to_redis_url(url), **options)
     pool = WaitingPool.from_url(
@@ -191,6 +207,12 @@ class AsyncViews(ViewPlans):
         (the client's socket timeout) covers the write and both replies, read straight
         from the connection's hiredis reader (`_send_and_read`). Waiting for a free
         connection is the pool's business and outside that timeout (`WaitingPool`)."""
+        if is_cluster_client(self.redis):
+            replies = await cluster_round_trip_async(self.redis, list(commands), _send_and_read)
+            for command, reply in zip(commands, replies, strict=True):
+                if isinstance(reply, ResponseError):
+                    raise BadView(f"view {command[1]} cannot be read: {reply}")
+            return replies
         pool = self.redis.connection_pool
         for attempt in (1, 2):
             conn = await pool.get_connection()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import socket
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -60,6 +61,8 @@ from cqrs.queries.waiters import AppliedWaiters
 from cqrs.settings import Settings
 from cqrs.tokens import TokenError
 from cqrs.urls import mask_url
+
+log = logging.getLogger(__name__)
 
 TITLE = "cqrs-projector query API"
 MAX_WAIT_SECONDS = 30.0
@@ -209,6 +212,17 @@ class ServerState:
         self.lag.close()
 
 
+def _is_cluster(wiring: Any) -> bool:
+    """Cluster or one node, decided once at start (cqrs.wiring). A server started while
+    Redis does not answer serves 503s until it does, like on one node, as a one-node
+    client: set CQRS_REDIS_CLUSTER=on to start one before its cluster answers."""
+    try:
+        return bool(wiring.redis_cluster)
+    except redis.ConnectionError as exc:
+        log.warning("cannot ask Redis whether it is a cluster (%s); assuming one node", exc)
+        return False
+
+
 def build_state(settings: Settings | None) -> ServerState:
     """The server's readers from settings (Redis only: `engine` is never asked for)."""
     from cqrs.wiring import Wiring
@@ -216,22 +230,28 @@ def build_state(settings: Settings | None) -> ServerState:
     wiring = Wiring(settings)  # Settings() read here, at startup, not at import
     s = wiring.settings
     name = f"cqrs-serve.{s.namespace}"
+    cluster = _is_cluster(wiring)
     client = make_async_redis(
         wiring.redis_url,
         socket_timeout=s.redis_socket_timeout,
         max_connections=s.http_redis_max_connections,
         pool_timeout=s.http_redis_pool_timeout,
         client_name=name,
+        cluster=cluster,
     )
     views = AsyncViews(client, wiring.keys, partitions=s.partitions)
-    sync_pool = redis.BlockingConnectionPool.from_url(
-        wiring.redis_url,
-        max_connections=LAG_THREADS,
-        timeout=s.redis_socket_timeout,
-        **client_options(s.redis_socket_timeout, name),
-    )
+    if cluster:
+        sync_client = wiring.redis  # the cluster client: a pool per node
+    else:
+        sync_pool = redis.BlockingConnectionPool.from_url(
+            wiring.redis_url,
+            max_connections=LAG_THREADS,
+            timeout=s.redis_socket_timeout,
+            **client_options(s.redis_socket_timeout, name),
+        )
+        sync_client = redis.Redis(connection_pool=sync_pool)
     lag = BlockingLag(
-        QueryService(redis.Redis(connection_pool=sync_pool), wiring.keys, partitions=s.partitions),
+        QueryService(sync_client, wiring.keys, partitions=s.partitions),
         threads=LAG_THREADS,
     )
     waiters = AppliedWaiters(views, max_waiters=s.http_max_waiters, recent_lag=lag.recent)

@@ -35,7 +35,14 @@ from redis.exceptions import ResponseError
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
 from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
-from cqrs.redisio import cluster_round_trip, hash_fields, is_cluster_client, pack, read_replies
+from cqrs.redisio import (
+    Subscription,
+    cluster_round_trip,
+    hash_fields,
+    is_cluster_client,
+    pack,
+    read_replies,
+)
 from cqrs.settings import Settings
 from cqrs.streams import group_lag
 from cqrs.tokens import decode_token
@@ -468,9 +475,8 @@ class QueryService(ViewPlans):
         """
         decode_token(token)  # a bad token fails before we subscribe
         deadline = time.monotonic() + timeout
-        pubsub = self.redis.pubsub(ignore_subscribe_messages=True)
+        pubsub = Subscription(self.redis, self.keys.applied_channel())
         try:
-            pubsub.subscribe(self.keys.applied_channel())
             while True:
                 missing = self.behind(token)
                 if not missing:

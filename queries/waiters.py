@@ -34,6 +34,7 @@ from collections.abc import Awaitable, Callable
 from cqrs.queries.aio import AsyncViews
 from cqrs.queries.errors import Busy
 from cqrs.queries.service import lag_summary, not_caught_up
+from cqrs.redisio import AsyncSubscription
 from cqrs.tokens import decode_token
 
 log = logging.getLogger(__name__)
@@ -147,7 +148,7 @@ class AppliedWaiters:
         failing = False
         channel = self.views.keys.applied_channel()
         while True:
-            pubsub = self.views.redis.pubsub(ignore_subscribe_messages=True)
+            pubsub = AsyncSubscription(self.views.redis)
             try:
                 await pubsub.subscribe(channel)
                 self._subscribed.set()

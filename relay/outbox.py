@@ -44,7 +44,7 @@ import redis
 
 from cqrs.eventlog import NOTIFY_CHANNEL, STREAM_FIELDS, STREAM_FIELDS_SQL
 from cqrs.keys import KeyMap, partition_of
-from cqrs.redisio import round_trip
+from cqrs.redisio import publish_command, round_trip
 from cqrs.settings import Settings
 from cqrs.startup import EvictionWatch
 from cqrs.streams import parse_entry_id, stream_partitions
@@ -151,7 +151,9 @@ class Relay:
                 for stream, values in self._values_by_stream(rows).items()
             ]
             # Wakes idle projector workers (they also poll, so a lost message only delays).
-            commands.append(("PUBLISH", self.keys.relay_wakeup_channel(), len(rows)))
+            commands.append(
+                publish_command(self.redis, self.keys.relay_wakeup_channel(), len(rows))
+            )
             self._publish(commands)
         self.published += len(rows)
         seconds = time.perf_counter() - started
