@@ -125,7 +125,7 @@ _NUMERIC = {"gen", "stream", "lag", "pending", "workers", "dlq", "idle", "heartb
 
 
 def render_status(report: Any, problems: list[str]) -> Any:
-    """The rich view of a `projector.status.SystemStatus`."""
+    """The rich view of a `cqrs.projector.status.SystemStatus`."""
     from rich.console import Group
     from rich.table import Table
     from rich.text import Text

@@ -1,6 +1,6 @@
 """Relay: events/s from the PostgreSQL outbox to the partition streams.
 
-The project side is `commands.relay.Relay.drain()`: passes of `relay_batch_size` visible
+The project side is `cqrs.relay.Relay.drain()`: passes of `relay_batch_size` visible
 outbox rows (SELECT ... FOR UPDATE joined with the log), one pipelined XADD per event,
 the wake-up PUBLISH, DELETE of the published outbox rows, COMMIT. The log is filled with
 COPY beforehand (not timed). The ceiling is pipelined XADDs of the very same entries,
