@@ -7,7 +7,13 @@ in the same script call, which is what makes a redelivered or duplicated event a
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 import redis
+from redis.exceptions import NoScriptError
+
+from cqrs.redisio import round_trip
 
 # Money travels as decimal strings with two places; Lua numbers are doubles, exact for
 # integers up to 2^53, so sums are done in integer cents.
@@ -204,3 +210,22 @@ class Scripts:
     def ensure_loaded(self) -> None:
         if not self._loaded:
             self.load()
+
+    def command(self, name: str, keys: Sequence[str], args: Sequence[Any] = ()) -> tuple[Any, ...]:
+        """An EVALSHA of script `name`, to pack into a round trip with `run`."""
+        return ("EVALSHA", self.shas[name], len(keys), *keys, *args)
+
+    def run(self, commands: list[tuple[Any, ...]]) -> list[Any]:
+        """`commands` (plain ones and `command`s) in one packed round trip (one per master
+        on a cluster), raw replies; calls that got NOSCRIPT are sent again after loading
+        the scripts (on every master: a promoted replica starts with an empty script
+        cache). A redis-py pipeline would do that on one node but not on a cluster."""
+        replies = round_trip(self.client, commands)
+        missing = [i for i, r in enumerate(replies) if isinstance(r, NoScriptError)]
+        if missing:
+            self.load()
+            for i, reply in zip(
+                missing, round_trip(self.client, [commands[i] for i in missing]), strict=True
+            ):
+                replies[i] = reply
+        return replies

@@ -263,17 +263,21 @@ class Worker:
             return
         self._last_maintenance = time.monotonic()
         now_ms = int(time.time() * 1000)
-        pipe = self.redis.pipeline(transaction=False)
+        commands: list[tuple[Any, ...]] = []
         for projection in self.projections:
             key = self.keys.workers(projection.name)
-            pipe.zadd(key, {self.consumer: now_ms})
-            pipe.zremrangebyscore(key, "-inf", now_ms - 10 * lease_ms)
+            commands.append(("ZADD", key, now_ms, self.consumer))
+            commands.append(("ZREMRANGEBYSCORE", key, "-inf", now_ms - 10 * lease_ms))
         slots = list(self.owned.values())
         for slot in slots:
-            self.scripts["renew_lease"](
-                keys=[slot.lease], args=[self.consumer, lease_ms], client=pipe
+            commands.append(
+                self.scripts.command("renew_lease", [slot.lease], [self.consumer, lease_ms])
             )
-        results = pipe.execute()
+        # One packed round trip (one per master on a cluster), scripts reloaded on NOSCRIPT.
+        results = self.scripts.run(commands)
+        for result in results:
+            if isinstance(result, Exception):
+                raise result
         for slot, renewed in zip(slots, results[2 * len(self.projections) :], strict=True):
             if not renewed:
                 log.warning(
