@@ -1,6 +1,7 @@
 """The Redis key map: the only place where key names are formatted.
 
-Layout rules (docs/keys.md has the table):
+Layout rules (docs/keys.md has the table; the view keys of each projection are listed by
+its view contract, `cqrs.contracts`):
 - every key starts with the namespace;
 - keys a Lua script or MULTI touches together share one hash tag (`{...}`), so every
   multi-key step stays in one Redis Cluster slot;
@@ -81,27 +82,6 @@ class KeyMap:
     def applied_channel(self) -> str:
         """Pub/sub channel the projector publishes to after each batch (wakes waiters)."""
         return f"{self.ns}:applied"
-
-    def applied_marks(
-        self,
-        projection: str,
-        generation: int,
-        aggregate_type: str,
-        aggregate_id: UUID,
-        partition_key: UUID,
-    ) -> tuple[str, str] | None:
-        """Where `projection` records the last version of an aggregate it applied, as
-        (hash key, field); None when the projection does not follow that aggregate.
-        Read-your-writes waits on these."""
-        views = self.views(projection, generation)
-        marks = {
-            ("products", "product"): (views.product(aggregate_id), "version"),
-            ("customers", "customer"): (views.customer(aggregate_id), "version"),
-            ("customers", "order"): (views.customer_order_state(partition_key), str(aggregate_id)),
-            ("orders", "customer"): (views.order_customer(aggregate_id), "version"),
-            ("orders", "order"): (views.order(aggregate_id), "version"),
-        }
-        return marks.get((projection, aggregate_type))
 
     def views(self, projection: str, generation: int) -> ViewKeys:
         return ViewKeys(self.ns, projection, generation)

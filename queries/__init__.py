@@ -7,9 +7,18 @@ Other services use it as::
     product = service.get_product(product_id)
 """
 
+from typing import Any
+
+from cqrs.queries import models
 from cqrs.queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
-from cqrs.queries.models import CustomerView, OrderLineView, OrderView, Page, ProductView
+from cqrs.queries.models import Page
 from cqrs.queries.service import QueryService
+
+
+def __getattr__(name: str) -> Any:
+    """The built-in read models, from their contracts on first use (`queries.models`)."""
+    return getattr(models, name)
+
 
 __all__ = [
     "BadCursor",

@@ -50,12 +50,13 @@ from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from cqrs.contracts import registered_contracts
 from cqrs.queries.aio import AsyncViews, BlockingLag, client_options, make_async_redis
 from cqrs.queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
-from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
+from cqrs.queries.models import Page
 from cqrs.queries.service import MAX_LIMIT, QueryService
 from cqrs.queries.waiters import AppliedWaiters
 from cqrs.settings import Settings
@@ -76,10 +77,6 @@ LAG_THREADS = 2
 class ErrorBody(BaseModel):
     error: str = Field(description="not_found, bad_request, unavailable, not_caught_up, ...")
     detail: str = Field(description="one line for a person")
-
-
-class ProductList(BaseModel):
-    items: list[ProductView]
 
 
 class ProjectionHealth(BaseModel):
@@ -371,6 +368,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _install_routes(app: FastAPI) -> None:
+    # The read models come from the registered contracts (the query side never imports the
+    # projector); they are resolved here, when the app is built, not at import.
+    contracts = registered_contracts()
+    ProductView = contracts["products"].model
+    CustomerView = contracts["customers"].model
+    OrderView = contracts["orders"].model
+    ProductList = create_model("ProductList", items=(list[ProductView], ...))  # type: ignore[valid-type]
+
     # `after` and `timeout` are each endpoint's own parameters, not a dependency: every
     # dependency FastAPI resolves costs a second pass of its parameter machinery.
     @app.get(
@@ -470,6 +475,24 @@ def _install_routes(app: FastAPI) -> None:
         views = await caught_up(request, after, timeout)
         products = await views.top_products(limit=limit)
         return view_response(request, model_body(ProductList(items=products)))
+
+    @app.get(
+        "/views/{name}/{key}",
+        responses=_ONE_RESPONSES,
+        tags=["views"],
+    )
+    async def get_any_view(
+        name: str,
+        key: str,
+        request: Request,
+        after: str | None = AFTER,
+        timeout: float = TIMEOUT,
+    ) -> Any:
+        """One view of any registered projection (plugins included), by its contract: NAME
+        is the projection (`GET /healthz` lists them), KEY what its contract reads as a
+        view id (a UUID for the built-ins, a date for sales-by-day)."""
+        views = await caught_up(request, after, timeout)
+        return view_response(request, model_body(await views.get_view(name, key)))
 
     @app.get(
         "/healthz",

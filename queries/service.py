@@ -32,9 +32,10 @@ from pydantic import BaseModel, ValidationError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 
+from cqrs.contracts import ViewContract, registered_contracts
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.queries.errors import BadCursor, BadView, NotCaughtUp, NotFound
-from cqrs.queries.models import CustomerView, OrderView, Page, ProductView
+from cqrs.queries.models import Page
 from cqrs.redisio import (
     Subscription,
     cluster_round_trip,
@@ -52,27 +53,14 @@ Commands = list[tuple[Any, ...]]
 # A read as a generator: yields one round trip's commands, is sent their replies.
 Plan = Generator[Commands, list[Any], T]
 
-PROJECTIONS = ("products", "customers", "orders")
 PRODUCT_SORTS = ("name", "price")
 MAX_LIMIT = 500
 _SEP = "\x00"
 # Between a cursor's kind (the sort or list it was handed out for) and its index member.
 _KIND_SEP = "\x1f"
 _ORDERS_CURSOR = "orders"
-_LINE_ATTRIBUTES = ("product_id", "name", "unit_price", "qty", "line_total")
-# More lines than any order can have (commands accept 100) means a corrupted count: it is
-# reported rather than turned into that many lookups.
-_MAX_LINES = 10_000
 # A list read across this many generation switches in a row is answered as read.
 _SWITCH_RETRIES = 3
-
-
-def _line_fields(count: int) -> list[tuple[tuple[str, str], ...]]:
-    """Per line number, (attribute, view field) pairs: formatted once, not per read."""
-    return [tuple((a, f"line:{n}:{a}") for a in _LINE_ATTRIBUTES) for n in range(count)]
-
-
-_LINE_FIELDS = _line_fields(101)
 
 
 def encode_cursor(member: str, kind: str | None = None) -> str:
@@ -135,19 +123,15 @@ def _invalid(key: str, exc: ValidationError) -> str:
     return f"view {key} is not valid: {'; '.join(problems)}{more}; `cqrs verify` compares it"
 
 
-def order_view(data: dict[str, str], key: str) -> OrderView:
-    """The view keeps each line attribute in a field of its own (`line:<n>:<attribute>`,
-    see projector.orders): short values keep the hash listpack-encoded."""
+def read_view(contract: ViewContract, data: dict[str, str], key: str) -> BaseModel:
+    """A view's read model by its contract; anything the contract's reader refuses (a
+    corrupted count, a field of the wrong type) is BadView naming the key."""
     try:
-        count = int(data.get("line_count") or 0)
-    except ValueError:
-        raise BadView(f"view {key} is not valid: line_count: {data['line_count']!r}") from None
-    if not 0 <= count <= _MAX_LINES:
-        raise BadView(f"view {key} is not valid: line_count: {count}")
-    get = data.get
-    fields = _LINE_FIELDS if count < len(_LINE_FIELDS) else _line_fields(count + 1)
-    lines = [{a: get(f) for a, f in fields[n]} for n in range(1, count + 1)]
-    return view_model(OrderView, {**data, "lines": lines}, key)
+        return contract.read_view(data, key)
+    except ValidationError as exc:
+        raise BadView(_invalid(key, exc)) from None
+    except ValueError as exc:
+        raise BadView(f"view {key} is not valid: {exc}") from None
 
 
 class ViewPlans:
@@ -155,10 +139,23 @@ class ViewPlans:
     state they share: the live generation each projection had at this reader's last read
     (a reader assumes it unchanged, and reads again when the reply says otherwise)."""
 
-    def __init__(self, keys: KeyMap, *, partitions: int = 8) -> None:
+    def __init__(
+        self,
+        keys: KeyMap,
+        *,
+        partitions: int = 8,
+        contracts: dict[str, ViewContract] | None = None,
+    ) -> None:
         self.keys = keys
         self.partitions = partitions
+        # Every registered projection's contract (entry points, `cqrs.contracts`): what
+        # `--after` waits for, what health reports, what the generic view read serves.
+        self.contracts = registered_contracts() if contracts is None else contracts
+        self.projections = tuple(self.contracts)
         self._generations: dict[str, int] = {}
+
+    def _model(self, data: dict[str, str], key: str, projection: str) -> Any:
+        return read_view(self.contracts[projection], data, key)
 
     # --- reading with the live generation ----------------------------------------------
 
@@ -209,14 +206,14 @@ class ViewPlans:
 
     # --- products ----------------------------------------------------------------------
 
-    def _product(self, product_id: UUID | str) -> Plan[ProductView]:
+    def _product(self, product_id: UUID | str) -> Plan[Any]:
         pid = view_id(product_id, "product")
         key, data = yield from self._view("products", lambda v: v.product(pid))
         if not data.get("version"):
             raise NotFound(f"product {pid} not found")
-        return view_model(ProductView, data, key)
+        return self._model(data, key, "products")
 
-    def _product_list(self, sort: str, limit: int, cursor: str | None) -> Plan[Page[ProductView]]:
+    def _product_list(self, sort: str, limit: int, cursor: str | None) -> Plan[Page[Any]]:
         if sort not in PRODUCT_SORTS:
             raise BadCursor(f"unknown sort {sort!r} (name or price)")
         limit = max(1, min(limit, MAX_LIMIT))
@@ -234,24 +231,24 @@ class ViewPlans:
             )
             if views is not None:
                 more = len(members) > limit
-                return Page[ProductView](
+                return Page[self.contracts["products"].model](  # type: ignore[valid-type]
                     items=views, next_cursor=encode_cursor(shown[-1], sort) if more else None
                 )
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _product_views(self, ids: list[str], last_try: bool) -> Plan[list[ProductView] | None]:
+    def _product_views(self, ids: list[str], last_try: bool) -> Plan[list[Any] | None]:
         views = self.keys.views("products", self._generations.get("products", 1))
         keys = [views.product(i) for i in ids]
         hashes = yield from self._hashes("products", keys, last_try)
         if hashes is None:
             return None
         return [
-            view_model(ProductView, data, key)
+            self._model(data, key, "products")
             for key, data in zip(keys, hashes, strict=True)
             if data.get("version")
         ]
 
-    def _top_products(self, limit: int) -> Plan[list[ProductView]]:
+    def _top_products(self, limit: int) -> Plan[list[Any]]:
         limit = max(1, min(limit, MAX_LIMIT))
         for attempt in range(_SWITCH_RETRIES + 1):
             [ids] = yield from self._read(
@@ -264,23 +261,23 @@ class ViewPlans:
 
     # --- customers and orders ----------------------------------------------------------
 
-    def _customer(self, customer_id: UUID | str) -> Plan[CustomerView]:
+    def _customer(self, customer_id: UUID | str) -> Plan[Any]:
         cid = view_id(customer_id, "customer")
         key, data = yield from self._view("customers", lambda v: v.customer(cid))
         if not data.get("version"):
             raise NotFound(f"customer {cid} not found")
-        return view_model(CustomerView, data, key)
+        return self._model(data, key, "customers")
 
-    def _order(self, order_id: UUID | str) -> Plan[OrderView]:
+    def _order(self, order_id: UUID | str) -> Plan[Any]:
         oid = view_id(order_id, "order")
         key, data = yield from self._view("orders", lambda v: v.order(oid))
         if not data.get("version"):
             raise NotFound(f"order {oid} not found")
-        return order_view(data, key)
+        return self._model(data, key, "orders")
 
     def _customer_orders(
         self, customer_id: UUID | str, limit: int, cursor: str | None
-    ) -> Plan[Page[OrderView]]:
+    ) -> Plan[Page[Any]]:
         """Newest first. Unknown customer: NotFound (its view is checked in the same trip)."""
         cid = view_id(customer_id, "customer")
         limit = max(1, min(limit, MAX_LIMIT))
@@ -303,33 +300,33 @@ class ViewPlans:
             if hashes is None:
                 continue
             items = [
-                order_view(data, key)
+                self._model(data, key, "orders")
                 for key, data in zip(keys, hashes, strict=True)
                 if data.get("version")
             ]
             more = len(members) > limit
             cursor_out = encode_cursor(shown[-1], _ORDERS_CURSOR) if more else None
-            return Page[OrderView](items=items, next_cursor=cursor_out)
+            page = Page[self.contracts["orders"].model]  # type: ignore[valid-type]
+            return page(items=items, next_cursor=cursor_out)
         raise AssertionError("unreachable")  # pragma: no cover
 
     # --- read-your-writes and health ---------------------------------------------------
 
     def _behind(self, token: str) -> Plan[list[str]]:
         """What the projections have not applied yet of the write behind `token`: every
-        applied mark the token names, in the live generation, below the token's version."""
+        applied mark the token names (each contract's `applied` rule), in the live
+        generation, below the token's version."""
         versions = decode_token(token)
-        replies = yield [("GET", self.keys.generation(p)) for p in PROJECTIONS]
-        generations = {p: int(g or 1) for p, g in zip(PROJECTIONS, replies, strict=True)}
+        names = self.projections
+        replies = yield [("GET", self.keys.generation(p)) for p in names]
+        generations = {p: int(g or 1) for p, g in zip(names, replies, strict=True)}
         marks: list[tuple[str, str, str, int]] = []
-        for projection in PROJECTIONS:
+        for projection in names:
+            rule = self.contracts[projection].applied
+            assert rule is not None  # a contract without one is refused when built
+            views = self.keys.views(projection, generations[projection])
             for v in versions:
-                mark = self.keys.applied_marks(
-                    projection,
-                    generations[projection],
-                    v.aggregate_type,
-                    v.aggregate_id,
-                    v.partition_key,
-                )
+                mark = rule(views, v.aggregate_type, v.aggregate_id, v.partition_key)
                 if mark:
                     marks.append((projection, mark[0], mark[1], v.version))
         if not marks:
@@ -345,13 +342,39 @@ class ViewPlans:
         """Projections being rebuilt (a replay holds their lock) or with no views at all
         (not built yet, or Redis lost its data and the workers are rebuilding them)."""
         commands: Commands = []
-        for projection in PROJECTIONS:
+        for projection in self.projections:
             commands += [
                 ("EXISTS", self.keys.replay_lock(projection)),
                 ("EXISTS", self.keys.generation(projection)),
             ]
         results = yield commands
-        return {p for i, p in enumerate(PROJECTIONS) if results[2 * i] or not results[2 * i + 1]}
+        return {
+            p for i, p in enumerate(self.projections) if results[2 * i] or not results[2 * i + 1]
+        }
+
+    # --- any registered view, by its contract ------------------------------------------
+
+    def contract(self, name: str) -> ViewContract:
+        """The contract of a registered projection; NotFound naming the known ones."""
+        try:
+            return self.contracts[name]
+        except KeyError:
+            known = ", ".join(self.projections)
+            raise NotFound(f"no view named {name!r} (registered: {known})") from None
+
+    def _any_view(self, name: str, key: str) -> Plan[BaseModel]:
+        """One view of any registered projection by the id its contract reads KEY as
+        (`cqrs query view NAME KEY`, `GET /views/{name}/{key}`)."""
+        contract = self.contract(name)
+        assert contract.view_key is not None  # a contract without one is refused when built
+        try:
+            contract.view_key(self.keys.views(name, 1), key)
+        except ValueError:
+            raise NotFound(f"{name} {key} not found") from None
+        hash_key, data = yield from self._view(name, lambda v: contract.view_key(v, key))
+        if not contract.present(data):
+            raise NotFound(f"{name} {key} not found")
+        return read_view(contract, data, hash_key)
 
 
 def not_caught_up(token_timeout: float, missing: list[str] | None, summary: str) -> NotCaughtUp:
@@ -370,8 +393,15 @@ class QueryService(ViewPlans):
     """The reads on a synchronous redis-py client (thread-safe: its pool is, and the only
     other state is the generation cache, whose races only cost a re-read)."""
 
-    def __init__(self, client: redis.Redis, keys: KeyMap, *, partitions: int = 8) -> None:
-        super().__init__(keys, partitions=partitions)
+    def __init__(
+        self,
+        client: redis.Redis,
+        keys: KeyMap,
+        *,
+        partitions: int = 8,
+        contracts: dict[str, ViewContract] | None = None,
+    ) -> None:
+        super().__init__(keys, partitions=partitions, contracts=contracts)
         self.redis = client
 
     @classmethod
@@ -437,28 +467,32 @@ class QueryService(ViewPlans):
         finally:
             plan.close()
 
-    def get_product(self, product_id: UUID | str) -> ProductView:
+    def get_product(self, product_id: UUID | str) -> Any:
         return self._run(self._product(product_id))
 
     def list_products(
         self, *, sort: str = "name", limit: int = 20, cursor: str | None = None
-    ) -> Page[ProductView]:
+    ) -> Page[Any]:
         return self._run(self._product_list(sort, limit, cursor))
 
-    def top_products(self, *, limit: int = 10) -> list[ProductView]:
+    def top_products(self, *, limit: int = 10) -> list[Any]:
         return self._run(self._top_products(limit))
 
-    def get_customer(self, customer_id: UUID | str) -> CustomerView:
+    def get_customer(self, customer_id: UUID | str) -> Any:
         return self._run(self._customer(customer_id))
 
-    def get_order(self, order_id: UUID | str) -> OrderView:
+    def get_order(self, order_id: UUID | str) -> Any:
         return self._run(self._order(order_id))
 
     def customer_orders(
         self, customer_id: UUID | str, *, limit: int = 20, cursor: str | None = None
-    ) -> Page[OrderView]:
+    ) -> Page[Any]:
         """Newest first. Unknown customer: NotFound (its view is checked in the same trip)."""
         return self._run(self._customer_orders(customer_id, limit, cursor))
+
+    def get_view(self, name: str, key: str) -> BaseModel:
+        """One view of any registered projection (`cqrs query view NAME KEY`)."""
+        return self._run(self._any_view(name, key))
 
     def behind(self, token: str) -> list[str]:
         """What the projections have not applied yet of the write behind `token`."""
@@ -494,4 +528,4 @@ class QueryService(ViewPlans):
 
     def lag(self) -> dict[str, dict[str, int]]:
         partitions = int(self.redis.hget(self.keys.meta(), "partitions") or self.partitions)
-        return {p: group_lag(self.redis, self.keys, p, partitions) for p in PROJECTIONS}
+        return {p: group_lag(self.redis, self.keys, p, partitions) for p in self.projections}

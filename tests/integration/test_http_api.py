@@ -19,6 +19,7 @@ from openapi_spec_validator import validate
 from cqrs.commands.catalog import CreateProduct, RepriceProduct, RestockProduct
 from cqrs.commands.customers import RegisterCustomer, RenameCustomer
 from cqrs.commands.orders import PlaceOrder
+from cqrs.contracts import registered_contracts
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from tests.helpers import wait_until
@@ -395,7 +396,7 @@ def test_healthz_reports_each_projections_lag(api: ApiServer, wiring: Wiring) ->
         "redis": "ok",
         "projections": {
             name: {"lag": 0, "pending": 0, "rebuilding": False}
-            for name in ("products", "customers", "orders")
+            for name in registered_contracts()  # plugins too, when installed
         },
         "waiters": 0,
     }
@@ -408,11 +409,27 @@ def test_healthz_reports_each_projections_lag(api: ApiServer, wiring: Wiring) ->
     behind = _ok(api.get("/healthz"))
     assert behind["status"] == "ok"
     assert behind["projections"] == {
-        name: {"lag": events, "pending": 0, "rebuilding": False}
-        for name in ("products", "customers", "orders")
+        name: {"lag": events, "pending": 0, "rebuilding": False} for name in registered_contracts()
     }
     drain(wiring)
     assert _ok(api.get("/healthz")) == healthy
+
+
+def test_any_registered_view_is_served_by_its_contract(api: ApiServer, wiring: Wiring) -> None:
+    products, customer, orders = _shop(wiring, n_products=3)
+    for name, path in (
+        ("products", f"/products/{products[0]}"),
+        ("customers", f"/customers/{customer}"),
+        ("orders", f"/orders/{orders[2]}"),
+    ):
+        ident = path.rsplit("/", 1)[1]
+        assert _ok(api.get(f"/views/{name}/{ident}")) == _ok(api.get(path))
+    unknown = api.get(f"/views/nope/{customer}")
+    assert unknown.status_code == 404 and "registered: " in unknown.json()["detail"]
+    for missing in (f"/views/orders/{customer}", "/views/orders/not-a-uuid"):
+        response = api.get(missing)
+        assert response.status_code == 404, missing
+        assert response.json()["error"] == "not_found"
 
 
 def test_redis_unreachable_is_503(start_api: Callable[..., ApiServer]) -> None:
@@ -461,6 +478,7 @@ def test_openapi_document_is_valid_and_complete(api: ApiServer) -> None:
         "/customers/{customer_id}/orders",
         "/orders/{order_id}",
         "/stats/top-products",
+        "/views/{name}/{key}",
         "/healthz",
     }
     schemas = spec["components"]["schemas"]
