@@ -245,9 +245,16 @@ def _mount_packages() -> None:
 
 def main() -> None:
     """Console entry point: usage errors become one line on stderr with exit 2."""
-    _mount_packages()
+    from cqrs.contracts import ContractError
+
     try:
+        # Mounting loads the projections' entry points: one that lacks a part of its
+        # contract stops every command here, in one line naming it and the part.
+        _mount_packages()
         code = app(standalone_mode=False)
+    except ContractError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(1)
     except typer.Abort:
         print("error: aborted", file=sys.stderr)
         sys.exit(130)

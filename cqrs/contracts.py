@@ -198,6 +198,8 @@ def load_registered(points: Iterable[EntryPoint] | None = None) -> dict[str, Reg
             )
         try:
             value = point.load()
+        except ContractError:
+            raise  # a contract refused while its module was imported: it names itself
         except Exception as exc:
             raise ContractError(
                 f"projection {point.name!r}: cannot load entry point {point.value!r}: "

@@ -9,7 +9,7 @@ projection that lacks a part, stops the process at start with the projection's n
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator, Mapping
 from importlib.metadata import EntryPoint
 
 from cqrs.contracts import ContractError, Registered, load_registered, registered
@@ -37,4 +37,30 @@ def load_projections(points: Iterable[EntryPoint] | None = None) -> dict[str, Pr
     return projections_of(registered() if points is None else load_registered(points))
 
 
-PROJECTIONS: dict[str, Projection] = load_projections()
+class _Registered(Mapping[str, Projection]):
+    """{name: Projection}, loaded on first use rather than at import: importing the CLI or
+    a module that names the registry starts nothing, and a plugin that lacks a part fails
+    the first command that needs the projections, as one error naming it."""
+
+    def __init__(self) -> None:
+        self._loaded: dict[str, Projection] | None = None
+
+    def _all(self) -> dict[str, Projection]:
+        if self._loaded is None:
+            self._loaded = load_projections()
+        return self._loaded
+
+    def __getitem__(self, name: str) -> Projection:
+        return self._all()[name]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._all())
+
+    def __len__(self) -> int:
+        return len(self._all())
+
+    def __repr__(self) -> str:
+        return f"PROJECTIONS({list(self)!r})"
+
+
+PROJECTIONS: Mapping[str, Projection] = _Registered()
