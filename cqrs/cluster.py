@@ -336,6 +336,69 @@ def stop_node(node: Node, *, kill: bool = False, timeout: float = 10.0) -> bool:
     return True
 
 
+def restart_node(cluster: LocalCluster, node: Node, *, node_timeout_ms: int = 2000) -> Node:
+    """Start a stopped node again on its port with its own `nodes.conf`: it rejoins the
+    cluster (as a replica of whoever took over its slots). The state file follows."""
+    if _pid_alive(node.pid):
+        raise ClusterError(f"node {node.port} still runs (pid {node.pid})")
+    data = cluster.home / f"node-{node.port}"
+    node.pid = _spawn(cluster.binary, data, node.port, node.bus_port, node_timeout_ms)
+    cluster.save()
+    return node
+
+
+def master_of_slot(cluster: LocalCluster, slot: int) -> Node:
+    """The node serving `slot` now, as a live node sees the cluster."""
+    for node in cluster.alive():
+        client = cluster.client(node.port)
+        try:
+            for first, last, master, *_ in client.execute_command("CLUSTER", "SLOTS"):
+                if int(first) <= slot <= int(last):
+                    return cluster.node_by_port(int(master[1]))
+        except (redis.RedisError, OSError):
+            continue
+        finally:
+            client.close()
+    raise ClusterError(f"no live node knows who serves slot {slot}")
+
+
+def wait_healthy(cluster: LocalCluster, timeout: float = 30.0) -> None:
+    """Until every live node says `cluster_state:ok` (after a failover: a replica was
+    promoted and the others agree)."""
+
+    def ok() -> bool:
+        for node in cluster.alive():
+            c = cluster.client(node.port)
+            try:
+                if _info_cluster(c).get("cluster_state") != "ok":
+                    return False
+            finally:
+                c.close()
+        return True
+
+    _wait("cluster_state:ok on every live node", ok, time.monotonic() + timeout, 0.1)
+
+
+def wait_failover(cluster: LocalCluster, dead: Node, timeout: float = 30.0) -> None:
+    """Until no live node names `dead` as the master of any slot and every live node says
+    `cluster_state:ok`: its replica was promoted (takes about 2 x node timeout)."""
+
+    def promoted() -> bool:
+        for node in cluster.alive():
+            c = cluster.client(node.port)
+            try:
+                if _info_cluster(c).get("cluster_state") != "ok":
+                    return False
+                for _, _, master, *_ in c.execute_command("CLUSTER", "SLOTS"):
+                    if int(master[1]) == dead.port:
+                        return False
+            finally:
+                c.close()
+        return True
+
+    _wait(f"a replica of {dead.port} to be promoted", promoted, time.monotonic() + timeout, 0.1)
+
+
 def stop_cluster(cluster: LocalCluster) -> list[int]:
     """Stop exactly the recorded processes; the state file goes with them."""
     stopped: list[int] = []

@@ -184,7 +184,12 @@ def _send_and_read(
     outcome: list[tuple[list[int], list[Any] | BaseException]] = []
     try:
         for node_pool, (indexes, commands) in zip(pools, batches, strict=True):
-            conn = node_pool.get_connection()
+            try:
+                # redis-py connects here: a dead node fails now, not at the write.
+                conn = node_pool.get_connection()
+            except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
+                outcome.append((indexes, exc))
+                continue
             try:
                 conn.send_packed_command([b"".join(pack(args) for args in commands)])
             except (RedisConnectionError, RedisTimeoutError, OSError) as exc:
@@ -304,11 +309,11 @@ def _refresh(client: Any) -> None:
     time.sleep(0.05)  # a failover or migration step in progress: give it a moment
     with contextlib.suppress(redis.RedisError, OSError):
         client.nodes_manager.initialize()
+    # Keyless commands (PUBLISH, PING) go to the default node: never a dead one.
     default = client.get_default_node()
-    if default is None or default.server_type != "primary":
-        primaries = client.get_primaries()
-        if primaries:
-            client.set_default_node(primaries[0])
+    primaries = client.get_primaries()
+    if primaries and (default is None or default.name not in {n.name for n in primaries}):
+        client.set_default_node(primaries[0])
 
 
 async def _send_and_read_simple(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:

@@ -15,7 +15,6 @@ import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -28,45 +27,16 @@ from cqrs.projector.state import live_generation
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from tests.conftest import settings_env
+from tests.integration.cluster.procs import cli as _cli
+from tests.integration.cluster.procs import cqrs as _cqrs
+from tests.integration.cluster.procs import logs as _logs
+from tests.integration.cluster.procs import wait_ready as _wait_ready
 from tests.integration.projector_support import deploy_projections
 
 N_COMMANDS = 600
 WRITERS = 3
 N_WORKERS = 3
 KILL_AT = (0.3, 0.6)  # fractions of the workload at which a worker is SIGKILLed
-
-
-def _cqrs(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cqrs.app", *args], env=env, stdout=out, stderr=out
-        )
-
-
-def _cli(args: list[str], env: dict[str, str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "cqrs.app", *args],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-
-
-def _wait_ready(wiring: Wiring, names: list[str], procs: list[subprocess.Popen[bytes]]) -> None:
-    """Until every named worker has a heartbeat newer than now (it runs its loop, so
-    signals are handled; a killed predecessor of the same name left an older one)."""
-    key = wiring.keys.workers(next(iter(PROJECTIONS)))
-    since = time.time() * 1000
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        scores = [wiring.redis.zscore(key, name) for name in names]
-        if all(score is not None and score >= since for score in scores):
-            return
-        for proc in procs:
-            assert proc.poll() is None, f"{proc.args[3:]} exited with {proc.returncode}"
-        time.sleep(0.05)
-    raise AssertionError(f"workers {names} never reported a heartbeat")
 
 
 def _view_keys_per_master(wiring: Wiring) -> Counter[int]:
@@ -170,7 +140,3 @@ def _run(
         if proc.returncode is None or proc.returncode != -signal.SIGKILL:
             code = proc.wait(timeout=30)
             assert code in (0, -signal.SIGKILL), f"{proc.args[3:]} exited with {code}"
-
-
-def _logs(tmp_path: Path) -> str:
-    return "\n".join(f"--- {p.name}\n{p.read_text()[-2000:]}" for p in tmp_path.glob("*.log"))
