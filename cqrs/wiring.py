@@ -55,6 +55,12 @@ def redis_is_cluster(url: str, settings: Settings) -> bool:
     probe = redis.Redis.from_url(to_redis_url(url), **options)
     try:
         return str(probe.info("cluster").get("cluster_enabled", "0")) == "1"
+    except (redis.AuthenticationError, redis.ResponseError):
+        # A wrong password, or an ACL user without INFO: the node cannot tell. Taken as
+        # one node; the same error then surfaces at the client's first real command,
+        # where each command reports it (doctor names it), instead of here, unexplained.
+        # `CQRS_REDIS_CLUSTER=on` is the way to a cluster for such a user.
+        return False
     finally:
         probe.close()
 
