@@ -7,10 +7,13 @@ Keys (in generation `<g>` of `<ns>:sales-by-day`):
 - `day-orders:{<date>}` hash, in the view's hash tag: order id -> the order's last version
   counted on the day. It makes the counters exactly-once: one script checks and advances
   it together with the counters (the customers projection's per-order record, per day);
-- `order:{<order id>}` hash: day (where the order was counted, because a cancellation
-  does not say when its order was placed), version (the order's last event seen here:
-  its gate), applied (the last version whose effect on the day is done: read-your-writes
-  waits on it, so a reader never sees the mark before the counters).
+- `customer:{<customer id>}` hash, tagged by the customer, whose partition carries both
+  the customer's and their orders' events: `version` (the registration seen here: an
+  order of a customer never registered is a gap, as in the built-in projections), and
+  per order `<order id>` (the order's last event seen here: its gate), `<order id>:day`
+  (where it was counted, because a cancellation does not say when its order was placed)
+  and `<order id>:applied` (the last version whose effect on the day is done:
+  read-your-writes waits on it, so a reader never sees the mark before the counters).
 """
 
 from __future__ import annotations
@@ -54,23 +57,38 @@ def day_orders_key(views: ViewKeys, day: str) -> str:
     return views.tagged("day-orders", day)
 
 
-def order_key(views: ViewKeys, order_id: UUID | str) -> str:
-    return views.tagged("order", order_id)
+def customer_key(views: ViewKeys, customer_id: UUID | str) -> str:
+    return views.tagged("customer", customer_id)
 
 
-def applied(views: ViewKeys, aggregate_type: str, aggregate_id: UUID, _partition: UUID) -> Any:
-    """An order's write is reflected once its record's `applied` reaches its version."""
-    return (order_key(views, aggregate_id), "applied") if aggregate_type == "order" else None
+def day_field(order_id: UUID | str) -> str:
+    return f"{order_id}:day"
+
+
+def applied_field(order_id: UUID | str) -> str:
+    return f"{order_id}:applied"
+
+
+def applied(views: ViewKeys, aggregate_type: str, aggregate_id: UUID, partition: UUID) -> Any:
+    """An order's write is reflected once its `applied` mark, in its customer's record
+    (an order's partition key is its customer's id), reaches its version."""
+    if aggregate_type != "order":
+        return None
+    return customer_key(views, partition), applied_field(aggregate_id)
 
 
 def expect(conn: Any, views: ViewKeys) -> dict[str, Expected]:
     """Every day with an order placed on it (a day whose orders were all cancelled keeps
-    its view, at zero), the per-day order records and the per-order records."""
+    its view, at zero), the per-day order records, and each registered customer's record
+    with every order of theirs."""
     out: dict[str, Expected] = {}
-    days: dict[str, list[int | Decimal]] = {}
+    customers: dict[str, dict[str, str]] = {
+        str(cid): {"version": "1"} for (cid,) in conn.execute("SELECT id FROM customers.customers")
+    }
+    days: dict[str, list[Any]] = {}
     records: dict[str, dict[str, str]] = {}
-    for oid, status, total, placed_at, version in conn.execute(
-        "SELECT id, status, total, placed_at, version FROM orders.orders"
+    for oid, cid, status, total, placed_at, version in conn.execute(
+        "SELECT id, customer_id, status, total, placed_at, version FROM orders.orders"
     ):
         day = day_of(placed_at)
         totals = days.setdefault(day, [0, Decimal("0")])
@@ -78,14 +96,16 @@ def expect(conn: Any, views: ViewKeys) -> dict[str, Expected]:
             totals[0] += 1
             totals[1] += total
         records.setdefault(day, {})[str(oid)] = str(version)
-        out[order_key(views, oid)] = Expected(
-            "order", "hash", {"day": day, "version": str(version), "applied": str(version)}
+        customers.setdefault(str(cid), {}).update(
+            {str(oid): str(version), day_field(oid): day, applied_field(oid): str(version)}
         )
     for day, (count, revenue) in days.items():
         out[day_key(views, day)] = Expected(
             "day", "hash", {"date": day, "order_count": str(count), "revenue": money(revenue)}
         )
         out[day_orders_key(views, day)] = Expected("day-orders", "hash", records[day])
+    for cid, content in customers.items():
+        out[customer_key(views, cid)] = Expected("customer", "hash", content)
     return out
 
 
@@ -109,11 +129,12 @@ CONTRACT = ViewContract(
             "order id -> order version counted on the day",
         ),
         KeySpec(
-            "order",
+            "customer",
             "hash",
-            lambda v: order_key(v, "<id>"),
-            "id",
-            "day, version (gate), applied (read-your-writes mark)",
+            lambda v: customer_key(v, "<customer>"),
+            "customer id",
+            "version (registration seen); per order: `<order id>` (gate), `<order id>:day`,"
+            " `<order id>:applied` (read-your-writes mark)",
         ),
     ),
     model=SalesByDayView,
@@ -122,5 +143,5 @@ CONTRACT = ViewContract(
     present_field="date",
     applied=applied,
     expect=expect,
-    aggregate_types=frozenset({"order"}),
+    aggregate_types=frozenset({"customer", "order"}),
 )
