@@ -18,27 +18,22 @@ The seed of each run is printed; set `CQRS_TEST_SEED` to replay a run's workload
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
 import random
 import signal
 import subprocess
 import sys
 import threading
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
-from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
 import psycopg
-import redis
 
 from bench.workload import WorkloadReport, generate
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
-from cqrs.projector.replay import Replayer, generation_of, stream_holds_history
+from cqrs.projector.replay import Replayer, stream_holds_history
 from cqrs.projector.state import live_generation, read_state
 from cqrs.queries.errors import NotFound
 from cqrs.queries.service import QueryService
@@ -46,190 +41,24 @@ from cqrs.settings import Settings
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring, make_redis
 from tests.conftest import settings_env
-from tests.helpers import run_cli, wait_until
+from tests.helpers import event_count, run_cli, wait_applied, wait_until
 from tests.integration.projector_support import differences, drain
+from tests.integration.replay_support import (
+    assert_totals_match_the_write_side,
+    generations_present,
+    keys_of_generation,
+    live_snapshot,
+    replay,
+    run_seed,
+    snapshot_mismatch,
+    stream_entries,
+    verify_clean,
+)
+from tests.procs import fleet
 
 # The replay lock outlives a killed replay by max(3 * lease, CQRS_REPLAY_LOCK_MS); the
 # test settings make that a few seconds.
 LOCK_TTL_S = 15.0
-
-
-def run_seed() -> int:
-    """CQRS_TEST_SEED, or a fresh random seed (printed by each test)."""
-    return int(os.environ.get("CQRS_TEST_SEED") or random.SystemRandom().randrange(2**32))
-
-
-# --------------------------------------------------------------------------- snapshots
-
-
-def live_snapshot(client: redis.Redis, keys: KeyMap) -> dict[str, Any]:
-    """Every key of every projection's live generation with its full content, keyed
-    `<projection>:<rest of the key>` so two generations compare equal."""
-    snapshot: dict[str, Any] = {}
-    for projection in PROJECTIONS:
-        generation = live_generation(client, keys, projection)
-        assert generation, f"{projection} has no live generation"
-        prefix = keys.views(projection, generation).prefix + ":"
-        for key in client.scan_iter(match=prefix + "*", count=1000):
-            # The generation's prefix also appears inside the catalog indexes' hash tags.
-            name = f"{projection}:{key[len(prefix) :].replace(prefix[:-1], '')}"
-            kind = client.type(key)
-            if kind == "hash":
-                snapshot[name] = client.hgetall(key)
-            elif kind == "zset":
-                snapshot[name] = client.zrange(key, 0, -1, withscores=True)
-            elif kind == "set":
-                snapshot[name] = sorted(client.smembers(key))
-            elif kind == "string":
-                snapshot[name] = client.get(key)
-            else:
-                snapshot[name] = f"<{kind}>"
-    return snapshot
-
-
-def snapshot_mismatch(expected: dict[str, Any], actual: dict[str, Any]) -> str:
-    """A short description of how two snapshots differ ('' when equal)."""
-    if expected == actual:
-        return ""
-    missing = sorted(expected.keys() - actual.keys())
-    extra = sorted(actual.keys() - expected.keys())
-    changed = sorted(k for k in expected.keys() & actual.keys() if expected[k] != actual[k])
-    lines = [
-        f"{len(expected)} vs {len(actual)} keys; {len(missing)} missing, {len(extra)} extra, "
-        f"{len(changed)} changed"
-    ]
-    lines += [f"missing {k}: {expected[k]!r}" for k in missing[:3]]
-    lines += [f"extra {k}: {actual[k]!r}" for k in extra[:3]]
-    lines += [f"changed {k}: {expected[k]!r} -> {actual[k]!r}" for k in changed[:3]]
-    return "\n".join(lines)
-
-
-def generations_present(client: redis.Redis, keys: KeyMap) -> dict[str, set[int]]:
-    """The generations that have at least one view key, per projection."""
-    present: dict[str, set[int]] = {}
-    for projection in PROJECTIONS:
-        prefix = f"{keys.ns}:{projection}:g"
-        found = set()
-        for key in client.scan_iter(match=keys.projection_pattern(projection), count=1000):
-            found.add(generation_of(key, prefix))
-        present[projection] = found
-    return present
-
-
-def keys_of_generation(client: redis.Redis, keys: KeyMap, projection: str, gen: int) -> int:
-    pattern = keys.views(projection, gen).pattern()
-    return sum(1 for _ in client.scan_iter(match=pattern, count=1000))
-
-
-def assert_totals_match_the_write_side(snapshot: dict[str, Any], database_url: str) -> None:
-    """Counters fed by events (units_sold, revenue, order_count, lifetime_value) summed
-    over every view equal the write side's totals: nothing was counted twice (or lost)."""
-    with psycopg.connect(libpq_url(database_url)) as conn:
-        units, revenue = conn.execute(
-            "SELECT coalesce(sum(l.qty), 0), coalesce(sum(l.line_total), 0)"
-            " FROM orders.order_lines l JOIN orders.orders o ON o.id = l.order_id"
-            " WHERE o.status <> 'cancelled'"
-        ).fetchone()
-        orders, value = conn.execute(
-            "SELECT count(*), coalesce(sum(total), 0) FROM orders.orders"
-            " WHERE status <> 'cancelled'"
-        ).fetchone()
-    products = [v for k, v in snapshot.items() if k.startswith("products:product:")]
-    customers = [v for k, v in snapshot.items() if k.startswith("customers:customer:")]
-    assert products and customers
-    assert units > 0 and orders > 0  # the workload sold something
-    assert sum(int(p["units_sold"]) for p in products) == units
-    assert sum(Decimal(p["revenue"]) for p in products) == revenue
-    assert sum(int(c["order_count"]) for c in customers) == orders
-    assert sum(Decimal(c["lifetime_value"]) for c in customers) == value
-    # The top-products index scores follow the views exactly.
-    top = dict(next(v for k, v in snapshot.items() if k.startswith("products:products:top:")))
-    for key, view in (i for i in snapshot.items() if i[0].startswith("products:product:")):
-        assert top.get(view["id"]) == float(view["units_sold"]), key
-
-
-def event_log_count(database_url: str) -> int:
-    with psycopg.connect(libpq_url(database_url)) as conn:
-        return conn.execute("SELECT count(*) FROM events.event_log").fetchone()[0]
-
-
-def stream_entries(client: redis.Redis, keys: KeyMap) -> list[tuple[int, str]]:
-    """(partition, entry id) of every entry of every partition stream."""
-    partitions = int(client.hget(keys.meta(), "partitions"))
-    return [
-        (p, entry_id)
-        for p in range(partitions)
-        for entry_id, _fields in client.xrange(keys.stream(p), "-", "+")
-    ]
-
-
-# --------------------------------------------------------------------------- the CLI
-
-
-def replay(env: dict[str, str], *args: str, timeout: float = 120) -> list[dict[str, Any]]:
-    """`cqrs replay ARGS --yes --json`: the summaries, one per projection."""
-    result = run_cli("replay", *args, "--yes", "--json", env=env, timeout=timeout)
-    assert result.returncode == 0, result.stdout + result.stderr
-    data = json.loads(result.stdout)
-    return data.get("replays", [data])
-
-
-def verify_clean(env: dict[str, str]) -> None:
-    verified = run_cli("verify", "--json", env=env, timeout=120)
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert json.loads(verified.stdout)["differences"] == 0, verified.stdout
-
-
-class Fleet:
-    """Every subprocess a test starts; `close()` (in a finally) kills whatever still runs."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.procs: list[tuple[str, subprocess.Popen[bytes], Path]] = []
-
-    def start(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = self.log_dir / f"{name}.log"
-        # Output goes to a file, never to a pipe nobody reads (a full pipe blocks the child).
-        with log.open("ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "cqrs.app", *args],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        self.procs.append((name, popen, log))
-        return popen
-
-    def logs(self) -> str:
-        return "\n".join(
-            f"--- {name} ---\n{log.read_text(errors='replace')[-2000:]}"
-            for name, _p, log in self.procs
-        )
-
-    def stop(self, popen: subprocess.Popen[bytes], timeout: float = 30) -> int | None:
-        popen.send_signal(signal.SIGTERM)
-        try:
-            return popen.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            return None
-
-    def close(self) -> None:
-        for _name, popen, _log in self.procs:
-            if popen.poll() is None:
-                popen.kill()
-        for _name, popen, _log in self.procs:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                popen.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def fleet(env: dict[str, str], log_dir: Path) -> Iterator[Fleet]:
-    processes = Fleet(env, log_dir)
-    try:
-        yield processes
-    finally:
-        processes.close()
 
 
 # --------------------------------------------------------------------------- a) twice
@@ -250,7 +79,7 @@ def test_replaying_twice_builds_identical_views(wiring: Wiring, settings: Settin
     assert differences(wiring) == []
     live_built = live_snapshot(client, keys)
     assert_totals_match_the_write_side(live_built, settings.database_url)
-    events = event_log_count(settings.database_url)
+    events = event_count(settings.database_url)
     env = settings_env(settings)
 
     previous = {p: live_generation(client, keys, p) for p in PROJECTIONS}
@@ -351,9 +180,9 @@ def test_replay_while_writers_commit_never_serves_a_partial_view(
     halt = threading.Event()
     live = WorkloadReport()
 
-    with fleet(env, tmp_path) as processes, ThreadPoolExecutor(1) as pool:
-        relay = processes.start("relay", "relay")
-        worker = processes.start("worker", "project", "--consumer", "live")
+    with fleet(tmp_path, env) as processes, ThreadPoolExecutor(1) as pool:
+        relay = processes.cqrs("relay", "relay")
+        worker = processes.worker("live")
         writers = pool.submit(
             generate,
             random.Random(rng.getrandbits(64)),
@@ -394,8 +223,8 @@ def test_replay_while_writers_commit_never_serves_a_partial_view(
             reader.stop.set()
             reader.join(timeout=30)
         report = writers.result()
-        assert processes.stop(relay) == 0, processes.logs()
-        assert processes.stop(worker) == 0, processes.logs()
+        assert processes.stop(relay, timeout=30) == 0, processes.logs()
+        assert processes.stop(worker, timeout=30) == 0, processes.logs()
 
     assert not reader.is_alive()
     assert reader.problems == [], reader.problems[:5]
@@ -439,7 +268,7 @@ def test_replay_from_auto_falls_back_to_the_log_when_the_streams_were_trimmed(
     generate(random.Random(seed), wiring, 300)
     drain(wiring)
     env = settings_env(settings)
-    events = event_log_count(settings.database_url)
+    events = event_count(settings.database_url)
 
     assert client.hget(keys.meta(), "origin") == "complete"
     assert stream_holds_history(client, keys, settings.partitions)
@@ -504,8 +333,8 @@ def test_a_replay_killed_midway_leaves_the_live_views_and_the_next_one_cleans_up
     # cannot switch before it does, so the kill below lands before the switch even if
     # the build itself is faster than our polling.
     client.set(keys.lease("products", 0), "frozen-worker", px=8_000)
-    with fleet(env, tmp_path) as processes:
-        victim = processes.start("replay", "replay", "products", "--yes")
+    with fleet(tmp_path, env) as processes:
+        victim = processes.cqrs("replay", "replay", "products", "--yes")
 
         def building() -> int | None:
             if victim.poll() is not None:
@@ -513,7 +342,8 @@ def test_a_replay_killed_midway_leaves_the_live_views_and_the_next_one_cleans_up
             new = generations_present(client, keys)["products"] - {live}
             return next(iter(new)) if new else None
 
-        new = wait_until(building, timeout=30, interval=0.002, what="the new generation")
+        # No need to poll fast: the frozen lease holds the switch for seconds.
+        new = wait_until(building, timeout=30, what="the new generation")
         assert new != -1, f"the replay exited early\n{processes.logs()}"
         paused = bool(client.exists(keys.pause("products")))
         victim.kill()
@@ -571,19 +401,23 @@ def test_a_second_replay_of_the_same_projection_refuses(
     live = live_generation(client, keys, "products")
     env = settings_env(settings)
 
-    # A frozen worker's lease holds the first replay in its switch for a few seconds,
-    # so the second one certainly starts while the first runs.
-    client.set(keys.lease("products", 0), "frozen-worker", px=4_000)
-    with fleet(env, tmp_path) as processes:
+    # A frozen worker's lease holds the first replay in its switch until the test lets
+    # go of it, so the second one certainly starts while the first runs, however slowly
+    # a loaded machine starts it.
+    frozen = keys.lease("products", 0)
+    client.set(frozen, "frozen-worker", px=60_000)
+    # Long leases: the first replay waits that long for a frozen worker's lease to lapse.
+    first_env = env | {"CQRS_PROJECTOR_LEASE_MS": "30000"}
+    with fleet(tmp_path, env) as processes:
         log = tmp_path / "first.json"
         with log.open("wb") as out:
             first = subprocess.Popen(
                 [sys.executable, "-m", "cqrs.app", "replay", "products", "--yes", "--json"],
-                env=env,
+                env=first_env,
                 stdout=out,
                 stderr=subprocess.PIPE,
             )
-        processes.procs.append(("first", first, log))
+        processes.adopt("first", first, log)
         wait_until(
             lambda: first.poll() is not None or client.exists(keys.pause("products")),
             timeout=30,
@@ -596,6 +430,7 @@ def test_a_second_replay_of_the_same_projection_refuses(
         assert second.stdout == ""
         lines = second.stderr.strip().splitlines()
         assert len(lines) == 1 and "already running" in lines[0], second.stderr
+        client.delete(frozen)  # the frozen worker's lease lapses: the switch goes on
         _out, err = first.communicate(timeout=60)
         assert first.returncode == 0, err
     (summary,) = json.loads(log.read_text())["replays"]
@@ -635,10 +470,12 @@ def test_a_replay_that_lost_its_lock_never_deletes_the_generation_of_the_next(
     first = threading.Thread(target=first_replay, name="first-replay")
     first.start()
     try:
-        switched = wait_until(
+        # The switch publishes on the applied channel: woken by it, the check runs while
+        # the first replay waits out its grace period.
+        switched = wait_applied(
+            wiring,
             lambda: live_generation(client, keys, "products") != live or not first.is_alive(),
             timeout=30,
-            interval=0.002,
             what="the first replay to switch",
         )
         assert switched and first.is_alive(), outcome
