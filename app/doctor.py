@@ -19,6 +19,7 @@ from cqrs.cli import load_settings
 from cqrs.commands.migrations import LATEST_VERSION, current_version
 from cqrs.console import out, print_json
 from cqrs.keys import KeyMap
+from cqrs.redisio import is_cluster_client
 from cqrs.settings import Settings
 from cqrs.startup import judge_eviction_policy
 from cqrs.streams import parse_entry_id, partition_groups
@@ -30,6 +31,7 @@ OK, WARNING, ERROR = "ok", "warning", "error"
 MIN_VERSION = (6, 2)  # XAUTOCLAIM
 FULL_VERSION = (7, 0)  # XINFO lag/entries-read, XAUTOCLAIM's deleted ids
 SAMPLE_VIEWS = 20
+FULL_COVERAGE = "cluster-require-full-coverage"
 
 
 @dataclass
@@ -261,6 +263,86 @@ def check_dead_letters(client: redis.Redis, keys: KeyMap) -> Check:
     return Check("dead letters", OK, "none")
 
 
+def check_cluster(client: Any) -> list[Check]:
+    """A Redis Cluster's shape, and the settings that put the views at risk: slots not
+    covered (some views unreadable), masters without a replica (a dead master's views and
+    streams are gone until rebuilt from PostgreSQL), `cluster-require-full-coverage no`
+    (a cluster missing slots serves some views and not others), an evicting master."""
+    node = client.get_redis_connection(client.get_default_node())
+    info = dict(
+        line.split(":", 1)
+        for line in str(node.execute_command("CLUSTER", "INFO")).splitlines()
+        if ":" in line
+    )
+    shards = node.execute_command("CLUSTER", "SHARDS")
+    masters, bare = 0, 0
+    for shard in shards:
+        nodes = shard["nodes"] if isinstance(shard, dict) else []
+        live = [n for n in nodes if n.get("health") == "online"]
+        if any(n.get("role") == "master" for n in live):
+            masters += 1
+            bare += not any(n.get("role") == "replica" for n in live)
+    covered = int(info.get("cluster_slots_ok", "0").strip() or 0)
+    state = info.get("cluster_state", "?").strip()
+    replicas = len(client.get_replicas())
+    summary = (
+        f"{masters} master(s), {replicas} replica(s), {covered} of 16384 slots covered, "
+        f"cluster_state:{state}"
+    )
+    checks: list[Check] = []
+    if state != "ok" or covered < 16384:
+        checks.append(
+            Check(
+                "redis cluster",
+                ERROR,
+                summary,
+                "assign every slot to a live master (CLUSTER ADDSLOTS, or fail over)",
+            )
+        )
+    elif bare:
+        checks.append(
+            Check(
+                "redis cluster",
+                WARNING,
+                f"{summary}; {bare} master(s) without a replica: if one dies, its views and "
+                "streams are unavailable until rebuilt from PostgreSQL",
+                "give every master at least one replica (CLUSTER REPLICATE)",
+            )
+        )
+    else:
+        checks.append(Check("redis cluster", OK, summary))
+    coverage = {
+        n.name: (client.get_redis_connection(n).config_get("cluster-require-full-coverage"))
+        for n in client.get_primaries()
+    }
+    partial = [name for name, got in coverage.items() if got.get(FULL_COVERAGE) == "no"]
+    if partial:
+        checks.append(
+            Check(
+                "cluster coverage",
+                WARNING,
+                f"cluster-require-full-coverage no on {', '.join(partial)}: with slots "
+                "missing, some views are served and others not",
+                "CONFIG SET cluster-require-full-coverage yes (and in redis.conf)",
+            )
+        )
+    evicting = []
+    for n in client.get_primaries():
+        policy = _config(client.get_redis_connection(n), "maxmemory-policy")
+        if policy is not None and judge_eviction_policy(policy, 1).status == ERROR:
+            evicting.append(f"{n.name} ({policy})")
+    if evicting:
+        checks.append(
+            Check(
+                "cluster eviction",
+                ERROR,
+                f"masters that may evict our keys: {', '.join(evicting)}",
+                "CONFIG SET maxmemory-policy noeviction on every master (and in redis.conf)",
+            )
+        )
+    return checks
+
+
 def check_redis(client: redis.Redis, keys: KeyMap, settings: Settings, url: str) -> list[Check]:
     try:
         client.ping()
@@ -285,6 +367,8 @@ def check_redis(client: redis.Redis, keys: KeyMap, settings: Settings, url: str)
         ]
     checks = [Check("redis", OK, f"{mask_url(url)} answers")]
     checks.append(check_redis_version(info))
+    if is_cluster_client(client):
+        checks += check_cluster(client)
     checks.append(check_eviction(client, keys, info))
     checks.append(check_persistence(client, info))
     checks += check_streams(client, keys, settings)
