@@ -8,20 +8,17 @@ Either way: exactly one `error: ...` line on stderr, nothing on stdout, and noth
 from __future__ import annotations
 
 import json
-import subprocess
 import uuid
 from dataclasses import dataclass
 
-import psycopg
 import pytest
 
 from cqrs.commands import catalog, customers, orders
 from cqrs.commands.db import make_session_factory
 from cqrs.commands.handlers import execute
 from cqrs.tokens import decode_token
-from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
-from tests.helpers import run_cli
+from tests.helpers import assert_one_error_line, event_count, run_cli
 
 UNKNOWN = str(uuid.UUID(int=0xDEADBEEF))
 
@@ -52,11 +49,6 @@ def world(wiring: Wiring) -> World:
     execute(orders.ShipOrder(order_id=shipped), sf)
     execute(orders.CancelOrder(order_id=cancelled), sf)
     return World(str(product), str(customer), str(shipped), str(cancelled))
-
-
-def event_count(database_url: str) -> int:
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM events.event_log").fetchone()[0]
 
 
 P, C = "{product}", "{customer}"
@@ -106,16 +98,6 @@ CASES = [
     ("ship-cancelled", ("order", "ship", "{cancelled}"), 1, "cancelled"),
     ("restock-below-zero", ("product", "restock", P, "-999"), 1, "insufficient stock"),
 ]  # fmt: skip
-
-
-def assert_one_error_line(result: subprocess.CompletedProcess[str], contains: str = "") -> str:
-    assert result.stdout == "", f"stdout must be empty on failure, got {result.stdout!r}"
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, f"expected one stderr line, got {result.stderr!r}"
-    line = lines[0]
-    assert line.startswith("error: ") and line.removeprefix("error: ").strip(), line
-    assert contains.lower() in line.lower(), f"{contains!r} not in {line!r}"
-    return line
 
 
 @pytest.mark.parametrize(("argv", "code", "contains"), [c[1:] for c in CASES],

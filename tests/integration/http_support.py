@@ -6,9 +6,7 @@ request, so its start-up overlaps the writes.
 
 from __future__ import annotations
 
-import socket
 import subprocess
-import sys
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -17,15 +15,9 @@ import httpx
 
 from cqrs.settings import Settings
 from tests.conftest import settings_env
-from tests.helpers import wait_until
+from tests.helpers import cqrs_argv, free_port, wait_until
 
 START_TIMEOUT = 60.0  # a cold interpreter importing FastAPI on a busy CI machine
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class ApiServer:
@@ -41,7 +33,7 @@ class ApiServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self._log = self.log_path.open("ab")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "cqrs.app", "serve", "--port", str(self.port)],
+            cqrs_argv("serve", "--port", str(self.port)),
             env=self.env,
             stdout=self._log,
             stderr=subprocess.STDOUT,

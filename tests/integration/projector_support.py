@@ -14,7 +14,7 @@ from cqrs.commands.results import CommandResult
 from cqrs.events import EventEnvelope
 from cqrs.projector.projection import Projection
 from cqrs.projector.registry import PROJECTIONS
-from cqrs.projector.state import live_generation
+from cqrs.projector.state import live_generation, read_state
 from cqrs.projector.verify import verify
 from cqrs.projector.worker import Worker
 from cqrs.relay.outbox import Relay
@@ -23,6 +23,16 @@ from cqrs.wiring import Wiring
 
 def run(wiring: Wiring, command: object) -> CommandResult:
     return execute(command, make_session_factory(wiring.engine))
+
+
+def deploy_projections(wiring: Wiring) -> None:
+    """Start the projector before any traffic: a worker first builds each projection's
+    (empty) views from history, so everything after this flows through the consumer
+    groups, the path redelivery concerns (not a rebuild from history)."""
+    drain(wiring)
+    for name in PROJECTIONS:
+        state = read_state(wiring.redis, wiring.keys, name)
+        assert state is not None, f"{name} was not built"
 
 
 def relay_all(wiring: Wiring) -> int:

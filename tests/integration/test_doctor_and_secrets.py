@@ -18,12 +18,9 @@ import pytest
 
 from cqrs.settings import Settings
 from tests.conftest import settings_env
-from tests.integration.ops_support import (
-    cli_parallel,
-    processes,
-    self_signed_certificate,
-    start_redis,
-)
+from tests.helpers import cli_parallel
+from tests.integration.ops_support import self_signed_certificate, start_redis
+from tests.procs import fleet
 
 
 def _checks(data: dict) -> dict[str, dict[str, str]]:
@@ -52,7 +49,7 @@ def _with_password(url: str, password: str) -> tuple[str, str]:
 def test_doctor_fails_on_allkeys_lru_and_passes_on_noeviction(
     settings: Settings, tmp_path: Path
 ) -> None:
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         _lru, lru_url = start_redis(procs, tmp_path, "--maxmemory-policy", "allkeys-lru")
         _ok, ok_url = start_redis(
             procs, tmp_path, "--maxmemory-policy", "noeviction", "--maxmemory", "64mb"
@@ -86,7 +83,7 @@ def test_password_acl_user_and_tls_work_from_the_url_and_are_never_printed(
     assert settings.database_url
     database_url, pg_secret = _with_password(settings.database_url, "pg-s3cret-Kq")
     redis_secret, acl_secret = "sekret-Zr81", "pw-alice-W4t"
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         _a, password_url = start_redis(
             procs, tmp_path, "--requirepass", redis_secret, url_auth=f":{redis_secret}@"
         )

@@ -16,22 +16,18 @@ The seed of each run is printed (and included in assertion messages); set
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import random
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
-import psycopg
 import pytest
 import redis
 
@@ -39,12 +35,16 @@ from bench.workload import WorkloadReport, generate
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.settings import Settings
-from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
 from tests.conftest import settings_env
-from tests.helpers import run_cli, wait_until
-from tests.integration.projector_support import differences, drain, relay_all
-from tests.integration.test_projector_redelivery import deploy_projections
+from tests.helpers import event_count, run_cli, wait_until
+from tests.integration.projector_support import (
+    deploy_projections,
+    differences,
+    drain,
+    relay_all,
+)
+from tests.procs import Fleet, Proc, fleet
 
 N_COMMANDS = 5_000
 WRITERS = 3
@@ -75,68 +75,6 @@ def _seed() -> int:
 # --------------------------------------------------------------------------- processes
 
 
-@dataclass
-class Proc:
-    """One subprocess we started, with where its output goes."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    started_ms: int
-    log: Path
-
-    def tail(self, chars: int = 3000) -> str:
-        with contextlib.suppress(OSError):
-            return f"--- {self.log.name} ---\n{self.log.read_text(errors='replace')[-chars:]}"
-        return f"--- {self.log.name}: unreadable ---"
-
-
-class Fleet:
-    """Every subprocess a test starts; `close()` (in a finally) kills whatever still runs."""
-
-    def __init__(self, env: dict[str, str], log_dir: Path) -> None:
-        self.env = env
-        self.log_dir = log_dir
-        self.started: list[Proc] = []
-
-    def start(self, name: str, *args: str) -> Proc:
-        log = self.log_dir / f"{name}-{len(self.started)}.log"
-        started_ms = int(time.time() * 1000)
-        # Output goes to a file, never a pipe nobody reads (a full pipe would block the child).
-        with log.open("ab") as out:
-            popen = subprocess.Popen(
-                [sys.executable, "-m", "cqrs.app", *args],
-                env=self.env,
-                stdout=out,
-                stderr=subprocess.STDOUT,
-            )
-        proc = Proc(name, popen, started_ms, log)
-        self.started.append(proc)
-        return proc
-
-    def worker(self, consumer: str) -> Proc:
-        return self.start(consumer, "project", "--consumer", consumer)
-
-    def logs(self) -> str:
-        return "\n".join(p.tail(1500) for p in self.started[-6:])
-
-    def close(self) -> None:
-        for proc in self.started:
-            if proc.popen.poll() is None:
-                proc.popen.kill()
-        for proc in self.started:
-            with contextlib.suppress(subprocess.TimeoutExpired):
-                proc.popen.wait(timeout=10)
-
-
-@contextlib.contextmanager
-def fleet(env: dict[str, str], log_dir: Path) -> Iterator[Fleet]:
-    processes = Fleet(env, log_dir)
-    try:
-        yield processes
-    finally:
-        processes.close()
-
-
 def heartbeat_since(client: redis.Redis, keys: KeyMap, proc: Proc) -> bool:
     """The worker process has run its first lease round: it is past start-up (signal
     handlers installed, Redis reached) and is taking part in the work."""
@@ -151,7 +89,9 @@ def wait_ready(client: redis.Redis, keys: KeyMap, proc: Proc, processes: Fleet) 
         interval=0.02,
         what=f"worker {proc.name} to start",
     )
-    assert proc.popen.poll() is None, f"worker {proc.name} exited early\n{processes.logs()}"
+    assert proc.popen.poll() is None, (
+        f"worker {proc.name} exited early\n{processes.logs(last=6, chars=1500)}"
+    )
 
 
 def stop_gracefully(proc: Proc) -> int | None:
@@ -233,11 +173,6 @@ def assert_nothing_pending_or_dead(client: redis.Redis, keys: KeyMap) -> None:
             assert summary["pending"] == 0, (stream, group["name"], summary)
 
 
-def event_log_count(database_url: str) -> int:
-    with psycopg.connect(libpq_url(database_url)) as conn:
-        return conn.execute("SELECT count(*) FROM events.event_log").fetchone()[0]
-
-
 # --------------------------------------------------------------------------- a) crashes
 
 
@@ -266,8 +201,8 @@ def test_views_converge_while_workers_are_sigkilled(
     consumers_seen: list[str] = []
     started = time.monotonic()
 
-    with fleet(env, tmp_path) as processes:
-        relay = processes.start("relay", "relay")
+    with fleet(tmp_path, env) as processes:
+        relay = processes.cqrs("relay", "relay")
         workers = [processes.worker(f"w{i}") for i in range(N_WORKERS)]
         consumers_seen += [w.name for w in workers]
         with ThreadPoolExecutor(1, thread_name_prefix="workload") as pool:
@@ -343,7 +278,7 @@ def test_views_converge_while_workers_are_sigkilled(
         assert json.loads(verified.stdout)["differences"] == 0, verified.stdout
 
     assert_nothing_pending_or_dead(client, keys)
-    assert event_log_count(settings.database_url) == report.events
+    assert event_count(settings.database_url) == report.events
     assert stream_entries(client, keys) >= report.events  # every event reached a stream
     assert differences(wiring) == []
     print(
@@ -405,7 +340,7 @@ def test_sigterm_finishes_and_acknowledges_the_batch_in_hand(
             "CQRS_PARTITIONS": str(SOLO_PARTITIONS),
             "CQRS_PROJECTOR_BATCH_SIZE": str(SOLO_BATCH),
         }
-        with fleet(env, tmp_path) as processes:
+        with fleet(tmp_path, env) as processes:
             solo = processes.worker("solo")
 
             # A moment where some batches are applied and acknowledged, the next one is in

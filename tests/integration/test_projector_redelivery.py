@@ -13,9 +13,13 @@ import random
 
 from bench.workload import generate
 from cqrs.projector.registry import PROJECTIONS
-from cqrs.projector.state import read_state
 from cqrs.wiring import Wiring
-from tests.integration.projector_support import differences, drain, view_snapshot
+from tests.integration.projector_support import (
+    deploy_projections,
+    differences,
+    drain,
+    view_snapshot,
+)
 
 SEED = 20_240_611
 N_COMMANDS = 300
@@ -28,16 +32,6 @@ def _streams(wiring: Wiring) -> list[str]:
 
 def _entries(wiring: Wiring) -> int:
     return sum(wiring.redis.xlen(s) for s in _streams(wiring))
-
-
-def deploy_projections(wiring: Wiring) -> None:
-    """Start the projector before any traffic: a worker first builds each projection's
-    (empty) views from history, so everything after this flows through the consumer
-    groups, the path redelivery concerns (not a rebuild from history)."""
-    drain(wiring)
-    for name in PROJECTIONS:
-        state = read_state(wiring.redis, wiring.keys, name)
-        assert state is not None, f"{name} was not built"
 
 
 def test_redelivered_events_change_no_view(wiring: Wiring) -> None:

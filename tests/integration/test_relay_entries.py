@@ -16,13 +16,14 @@ that shortcut to the envelope's own format:
 from __future__ import annotations
 
 import json
-import time
+import random
 from concurrent.futures import ThreadPoolExecutor
 
 import psycopg
 import pytest
 import redis
 
+from bench.workload import generate
 from cqrs.commands import catalog, customers, orders
 from cqrs.commands.db import make_session_factory
 from cqrs.commands.handlers import execute
@@ -32,7 +33,7 @@ from cqrs.keys import partition_of
 from cqrs.relay.outbox import Relay
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
-from tests.helpers import wait_until
+from tests.helpers import until_events, wait_until
 from tests.integration.stream_checks import (
     PassPause,
     assert_published_exactly_once,
@@ -40,7 +41,6 @@ from tests.integration.stream_checks import (
     read_streams,
     waiting_on_lock,
 )
-from tests.integration.workload import Workload
 
 
 def _logged_envelopes(database_url: str) -> dict[str, EventEnvelope]:
@@ -62,9 +62,7 @@ def test_entries_are_the_envelopes_stream_fields(wiring: Wiring) -> None:
         orders.PlaceOrder(customer_id=buyer.id, items=[{"product_id": odd.id, "qty": 2}]),
         session_factory,
     )
-    workload = Workload(session_factory, 300, seed=4)
-    workload.prepare(products=4, customers_=4)
-    workload.writer(0, time.monotonic() + 60)
+    generate(random.Random(4), session_factory, until=until_events(300, timeout=60))
 
     relay = Relay(wiring.database_url, wiring.redis, wiring.settings)
     assert relay.drain() > 300

@@ -11,8 +11,7 @@
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import random
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -21,6 +20,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
+from bench.workload import generate
 from cqrs.commands import catalog
 from cqrs.commands.db import make_session_factory
 from cqrs.commands.handlers import execute
@@ -30,7 +30,7 @@ from cqrs.relay.outbox import Relay
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
-from tests.helpers import wait_until
+from tests.helpers import until_events, wait_until
 from tests.integration.stream_checks import (
     PassPause,
     assert_published_exactly_once,
@@ -40,7 +40,7 @@ from tests.integration.stream_checks import (
     stream_length,
     waiting_on_lock,
 )
-from tests.integration.workload import Workload
+from tests.procs import fleet
 
 
 def _create(n: int) -> catalog.CreateProduct:
@@ -109,10 +109,6 @@ def test_two_relays_and_publish_on_commit_passes_publish_each_event_once(
             local.relay = Relay(wiring.database_url, wiring.redis, settings)
         local.relay.publish_batch(conn)
 
-    workload = Workload(
-        make_session_factory(wiring.engine), 2_500, seed=2, after_commit=publish_now
-    )
-    workload.prepare()
     stops = [threading.Event(), threading.Event()]
     relays = [Relay(wiring.database_url, wiring.redis, settings) for _ in stops]
     threads = [
@@ -122,10 +118,13 @@ def test_two_relays_and_publish_on_commit_passes_publish_each_event_once(
     for t in threads:
         t.start()
     try:
-        deadline = time.monotonic() + 60
-        with ThreadPoolExecutor(3) as pool:
-            for writer in [pool.submit(workload.writer, i, deadline) for i in range(3)]:
-                writer.result()
+        workload = generate(
+            random.Random(2),
+            wiring,
+            writers=3,
+            after_commit=publish_now,
+            until=until_events(2_500, timeout=60),
+        )
         wait_until(
             lambda: outbox_count(wiring.database_url) == 0,
             timeout=30,
@@ -187,13 +186,6 @@ def test_overlapping_pass_waits_for_the_rows_another_pass_holds(wiring: Wiring) 
 # --- failover between relay processes -----------------------------------------------------
 
 
-def _start_relay(env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
-    with log.open("ab") as out:
-        return subprocess.Popen(
-            [sys.executable, "-m", "cqrs.app", "relay"], env=env, stdout=out, stderr=out
-        )
-
-
 def _relay_backends(database_url: str) -> tuple[int | None, list[int]]:
     """(pid of the backend holding the relay's leader lock, pids of backends whose last
     statement was a leader-lock attempt), for this test's database only."""
@@ -219,38 +211,38 @@ def test_standby_relay_takes_over_when_the_active_one_is_killed(
 ) -> None:
     env = {**cli_env, "CQRS_RELAY_BATCH_SIZE": "50"}
     settings, keys, client = wiring.settings, wiring.keys, wiring.redis
-    logs = [tmp_path / "relay-a.log", tmp_path / "relay-b.log"]
-    procs: list[subprocess.Popen[bytes]] = []
-    workload = Workload(make_session_factory(wiring.engine), 3_000, seed=3)
-    workload.prepare(products=8, customers_=8)
-    try:
-        procs.append(_start_relay(env, logs[0]))
-        wait_until(lambda: "relay: active" in logs[0].read_text(), timeout=30, what="relay A")
+    with fleet(tmp_path, env) as relays:
+        relay_a = relays.cqrs("relay-a", "relay")
+        wait_until(lambda: "relay: active" in relay_a.output(), timeout=30, what="relay A")
         first_holder, _ = _relay_backends(settings.database_url)
-        procs.append(_start_relay(env, logs[1]))
+        relay_b = relays.cqrs("relay-b", "relay")
         wait_until(
             lambda: _standby_waiting(settings.database_url), timeout=30, what="relay B standby"
         )
-        assert "relay: active" not in logs[1].read_text()
+        assert "relay: active" not in relay_b.output()
 
-        deadline = time.monotonic() + 60
-        with ThreadPoolExecutor(2) as pool:
-            writers = [pool.submit(workload.writer, i, deadline) for i in range(2)]
+        with ThreadPoolExecutor(1, thread_name_prefix="workload") as pool:
+            writing = pool.submit(
+                generate,
+                random.Random(3),
+                wiring,
+                writers=2,
+                until=until_events(3_000, timeout=60),
+            )
             # Kill A while events are flowing through it.
             wait_until(
                 lambda: stream_length(client, keys, settings) > 500,
                 timeout=30,
                 what="relay A to publish",
             )
-            procs[0].kill()
-            procs[0].wait(timeout=10)
+            relay_a.kill()
+            relay_a.wait(timeout=10)
             wait_until(
-                lambda: "relay: active" in logs[1].read_text(),
+                lambda: "relay: active" in relay_b.output(),
                 timeout=15,
                 what="relay B to take over",
             )
-            for w in writers:
-                w.result()
+            workload = writing.result()  # re-raises anything a writer hit
         # No drain: only relay B can empty the outbox now.
         wait_until(
             lambda: outbox_count(settings.database_url) == 0,
@@ -259,13 +251,8 @@ def test_standby_relay_takes_over_when_the_active_one_is_killed(
         )
         holder, _ = _relay_backends(settings.database_url)
         assert holder is not None and holder != first_holder
-        procs[1].terminate()
-        assert procs[1].wait(timeout=15) == 0, "SIGTERM should stop the relay cleanly"
-    finally:
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-                p.wait(timeout=10)
+        relay_b.terminate()
+        assert relay_b.wait(timeout=15) == 0, "SIGTERM should stop the relay cleanly"
 
     report = assert_published_exactly_once(settings.database_url, client, keys, settings)
     assert report.events == workload.events

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import random
-import shutil
-import socket
-import subprocess
 import threading
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 from pathlib import Path
 
-import pytest
 import redis
 
 from bench.workload import WorkloadReport, generate
@@ -31,9 +27,9 @@ from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from tests.conftest import settings_env
 from tests.helpers import run_cli, wait_until
+from tests.integration.ops_support import start_redis
 from tests.integration.projector_support import differences, drain
-from tests.integration.test_replay import (
-    fleet,
+from tests.integration.replay_support import (
     generations_present,
     keys_of_generation,
     live_snapshot,
@@ -41,62 +37,18 @@ from tests.integration.test_replay import (
     snapshot_mismatch,
     verify_clean,
 )
+from tests.procs import fleet
 
 COMMITS_BEFORE_FLUSH = 150
 COMMITS_AFTER_FLUSH = 150
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def private_redis(tmp_path: Path) -> Iterator[str]:
     """A redis-server of this test's own (no persistence), killed by PID at the end."""
-    binary = shutil.which("redis-server") or shutil.which("valkey-server")
-    if binary is None:
-        pytest.skip("no redis-server/valkey-server binary for a private server")
-    port = _free_port()
-    log = tmp_path / "redis.log"
-    with log.open("ab") as out:
-        server = subprocess.Popen(
-            [
-                binary,
-                "--port",
-                str(port),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--daemonize",
-                "no",
-                "--dir",
-                str(tmp_path),
-            ],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    try:
-        client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1)
-
-        def answers() -> bool:
-            if server.poll() is not None:
-                raise AssertionError(f"redis-server exited: {log.read_text()[-1000:]}")
-            try:
-                return bool(client.ping())
-            except redis.ConnectionError:
-                return False
-
-        wait_until(answers, timeout=15, what="the private redis-server")
-        client.close()
-        yield f"redis://127.0.0.1:{port}/0"
-    finally:
-        server.kill()
-        server.wait(timeout=10)
+    with fleet(tmp_path) as procs:
+        _server, url = start_redis(procs, tmp_path)
+        yield url
 
 
 class Observer(threading.Thread):
@@ -153,9 +105,9 @@ def _flush_mid_run(wiring: Wiring, settings: Settings, rng: random.Random, tmp_p
     live = WorkloadReport()
     observer = Observer(client, settings)
 
-    with fleet(env, tmp_path) as processes, ThreadPoolExecutor(1) as pool:
-        relay = processes.start("relay", "relay")
-        workers = [processes.start(f"w{i}", "project", "--consumer", f"w{i}") for i in (1, 2)]
+    with fleet(tmp_path, env) as processes, ThreadPoolExecutor(1) as pool:
+        relay = processes.cqrs("relay", "relay")
+        workers = [processes.worker(f"w{i}") for i in (1, 2)]
         writers = pool.submit(
             generate,
             random.Random(rng.getrandbits(64)),
@@ -200,8 +152,8 @@ def _flush_mid_run(wiring: Wiring, settings: Settings, rng: random.Random, tmp_p
 
         # No manual step: the relay and the workers heal on their own.
         def healed() -> bool:
-            for _name, popen, _log in processes.procs:
-                assert popen.poll() is None, f"a process exited\n{processes.logs()}"
+            for proc in processes.started:
+                assert proc.poll() is None, f"a process exited\n{processes.logs()}"
             if not all(read_state(client, keys, p) for p in PROJECTIONS):
                 return False
             return differences(wiring) == []
@@ -212,8 +164,8 @@ def _flush_mid_run(wiring: Wiring, settings: Settings, rng: random.Random, tmp_p
             raise AssertionError(f"{exc}\n{processes.logs()}") from None
         observer.stop.set()
         observer.join(timeout=10)
-        for popen in (*workers, relay):
-            code = processes.stop(popen)
+        for proc in (*workers, relay):
+            code = processes.stop(proc, timeout=30)
             assert code == 0, f"exit {code}\n{processes.logs()}"
 
     print(

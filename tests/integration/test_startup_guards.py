@@ -29,20 +29,15 @@ from cqrs.settings import Settings
 from cqrs.startup import EvictionWatch, check_eviction_policy
 from cqrs.wiring import Wiring
 from tests.conftest import settings_env
-from tests.helpers import wait_until
-from tests.integration.ops_support import (
-    Processes,
-    free_port,
-    processes,
-    redis_server_binary,
-    start_redis,
-)
+from tests.helpers import free_port, wait_applied, wait_until
+from tests.integration.ops_support import redis_server_binary, start_redis
 from tests.integration.projector_support import run
+from tests.procs import Fleet, Proc, fleet
 
 WAIT_LINE = "waiting for Redis at"
 
 
-def _start_redis_on(procs: Processes, tmp: Path, port: int, *extra: str) -> str:
+def _start_redis_on(procs: Fleet, tmp: Path, port: int, *extra: str) -> str:
     """A private redis-server on exactly `port` (the one the processes are waiting for)."""
     workdir = tmp / f"redis-{port}"
     workdir.mkdir()
@@ -70,7 +65,7 @@ def _retries(log: str, what: str) -> int:
     return len(re.findall(rf"{what} attempt \d+ failed", log))
 
 
-def _exit_code(proc: subprocess.Popen[bytes], timeout: float) -> int:
+def _exit_code(proc: Proc, timeout: float) -> int:
     try:
         return proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -87,7 +82,7 @@ def test_relay_and_worker_wait_for_redis_then_proceed(
     port = free_port()
     env = settings_env(settings)
     env.update(CQRS_REDIS_URL=f"redis://127.0.0.1:{port}/0", CQRS_LOG_LEVEL="DEBUG")
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         relay = procs.cqrs("relay", "relay", env=env)
         worker = procs.cqrs("worker", "project", "--consumer", "a", env=env)
 
@@ -117,7 +112,11 @@ def test_relay_and_worker_wait_for_redis_then_proceed(
                 return False
 
         # The relay publishes it and the worker takes slots and projects it.
-        wait_until(projected, timeout=60, what="the product projected after Redis came up")
+        views = Wiring(settings.model_copy(update={"redis_url": url}))
+        try:
+            wait_applied(views, projected, timeout=60, what="the product projected")
+        finally:
+            views.close()
         for proc in (relay, worker):
             log = procs.log_of(proc)
             assert log.count(WAIT_LINE) == 1 and "Redis at" in log and "answers after" in log
@@ -135,7 +134,7 @@ def test_gives_up_after_the_startup_timeout_with_one_error_line(
     port = free_port()
     env = settings_env(settings)
     env.update(CQRS_REDIS_URL=f"redis://127.0.0.1:{port}/0", CQRS_STARTUP_TIMEOUT="1")
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         proc = procs.cqrs(command[0], *command, env=env)
         assert _exit_code(proc, timeout=30) == 1, procs.log_of(proc)
         log = procs.log_of(proc)
@@ -152,7 +151,7 @@ def test_a_drain_gives_up_after_a_few_seconds_by_default(
 ) -> None:
     env = settings_env(settings)
     env["CQRS_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         proc = procs.cqrs("drain", "project", "--drain", env=env)
         assert _exit_code(proc, timeout=30) == 1, procs.log_of(proc)
         # A one-shot command: exactly one line (the wait itself is logged at DEBUG only).
@@ -167,7 +166,7 @@ def test_relay_waits_for_postgresql_stops_on_sigterm_and_gives_up(
     closed = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres"
     env = settings_env(settings)
     env.update(CQRS_DATABASE_URL=closed, CQRS_LOG_LEVEL="DEBUG")
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         waiting = procs.cqrs("relay-waits", "relay", env=env)
         limited = procs.cqrs("relay-limited", "relay", env={**env, "CQRS_STARTUP_TIMEOUT": "1"})
 
@@ -195,7 +194,7 @@ def test_relay_waits_for_postgresql_stops_on_sigterm_and_gives_up(
 def test_run_stops_promptly_on_sigterm_while_waiting(settings: Settings, tmp_path: Path) -> None:
     env = settings_env(settings)
     env["CQRS_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         proc = procs.cqrs("run", "run", env=env)
         wait_until(
             lambda: proc.poll() is not None or WAIT_LINE in procs.log_of(proc),
@@ -210,7 +209,7 @@ def test_run_stops_promptly_on_sigterm_while_waiting(settings: Settings, tmp_pat
 def test_refuses_to_start_on_an_evicting_redis_unless_allowed(
     settings: Settings, tmp_path: Path
 ) -> None:
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         _lru, url = start_redis(procs, tmp_path, "--maxmemory-policy", "allkeys-lru")
         env = settings_env(settings)
         env["CQRS_REDIS_URL"] = url
@@ -246,7 +245,7 @@ def test_refuses_to_start_on_an_evicting_redis_unless_allowed(
 
 
 def test_running_relay_says_so_when_the_policy_changes(settings: Settings, tmp_path: Path) -> None:
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         _proc, url = start_redis(procs, tmp_path, "--maxmemory-policy", "noeviction")
         env = settings_env(settings)
         env.update(CQRS_REDIS_URL=url, CQRS_EVICTION_CHECK_SECONDS="0.2")
@@ -272,7 +271,7 @@ def test_running_relay_says_so_when_the_policy_changes(settings: Settings, tmp_p
 
 
 def test_running_worker_says_so_when_the_policy_changes(settings: Settings, tmp_path: Path) -> None:
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         _proc, url = start_redis(procs, tmp_path, "--maxmemory-policy", "noeviction")
         env = settings_env(settings)
         env.update(CQRS_REDIS_URL=url, CQRS_EVICTION_CHECK_SECONDS="0.2")
@@ -300,7 +299,7 @@ def test_running_worker_says_so_when_the_policy_changes(settings: Settings, tmp_
 
 def test_eviction_watch_for_a_worker_loop(tmp_path: Path) -> None:
     """The function a worker's loop calls: rate-limited, loud once per change."""
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         _proc, url = start_redis(procs, tmp_path, "--maxmemory-policy", "noeviction")
         client = redis.Redis.from_url(url, decode_responses=True)
         assert check_eviction_policy(client) is None

@@ -24,9 +24,9 @@ from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.status import CAUGHT_UP, STALLED, SystemStatus, collect_status
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
-from tests.helpers import wait_until
-from tests.integration.ops_support import cli_json, free_port, processes
+from tests.helpers import cli_json, free_port, wait_applied, wait_until
 from tests.integration.projector_support import relay_all, run
+from tests.procs import fleet
 
 ALL = list(PROJECTIONS.values())
 
@@ -54,9 +54,9 @@ def test_lag_grows_while_workers_are_stopped_and_returns_to_zero(
 ) -> None:
     _products(wiring, 2)
     relay_all(wiring)
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         worker = procs.cqrs("worker", "project", env=cli_env)
-        wait_until(lambda: _caught_up(wiring), timeout=30, what="first catch-up")
+        wait_applied(wiring, lambda: _caught_up(wiring), timeout=30, what="first catch-up")
         code, data, err = cli_json("status", "--max-lag", "0", env=cli_env)
         assert code == 0, (data, err)
         assert data["ok"] and not data["problems"]
@@ -89,7 +89,7 @@ def test_lag_grows_while_workers_are_stopped_and_returns_to_zero(
         assert _status(wiring).violations(5, None) == []  # 5 is not more than 5
 
         procs.cqrs("worker-again", "project", env=cli_env)
-        wait_until(lambda: _caught_up(wiring), timeout=30, what="catch-up after restart")
+        wait_applied(wiring, lambda: _caught_up(wiring), timeout=30, what="catch-up after restart")
         code, data, err = cli_json("status", "--max-lag", "0", "--max-age", "60", env=cli_env)
         assert code == 0, (data, err, procs.logs())
         with wiring.engine.connect() as conn:
@@ -106,10 +106,10 @@ def test_a_frozen_worker_with_work_waiting_is_stalled(
 ) -> None:
     stall = Settings(**{**wiring.settings.model_dump(), "stall_seconds": 2.0})
     env = {**cli_env, "CQRS_STALL_SECONDS": "2"}
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         worker = procs.cqrs("worker", "project", env=cli_env)
         try:
-            wait_until(lambda: _caught_up(wiring), timeout=30, what="first catch-up")
+            wait_applied(wiring, lambda: _caught_up(wiring), timeout=30, what="first catch-up")
             os.kill(worker.pid, signal.SIGSTOP)
             _products(wiring, 2)
             relay_all(wiring)
@@ -129,7 +129,7 @@ def test_a_frozen_worker_with_work_waiting_is_stalled(
             assert _status(wiring, stall).violations(None, None) == []  # no threshold: exit 0
         finally:
             os.kill(worker.pid, signal.SIGCONT)
-        wait_until(lambda: _caught_up(wiring), timeout=30, what="catch-up after SIGCONT")
+        wait_applied(wiring, lambda: _caught_up(wiring), timeout=30, what="catch-up after SIGCONT")
 
 
 def _scrape(url: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -158,7 +158,7 @@ def test_metrics_endpoints_count_a_workload(
     run_port, api_port, serve_port = free_port(), free_port(), free_port()
     run_url = f"http://127.0.0.1:{run_port}/metrics"
     serve_url = f"http://127.0.0.1:{serve_port}/metrics"
-    with processes(tmp_path) as procs:
+    with fleet(tmp_path) as procs:
         procs.cqrs("run", "run", "--metrics-port", str(run_port), env=cli_env)
         procs.cqrs(
             "serve",
@@ -195,7 +195,9 @@ def test_metrics_endpoints_count_a_workload(
             return n + 1 + 1 + 1  # created, registered, placed + one stock reservation
 
         events = workload(3)
-        wait_until(lambda: _caught_up(wiring), timeout=30, what=f"caught up\n{procs.logs()}")
+        wait_applied(
+            wiring, lambda: _caught_up(wiring), timeout=30, what=f"caught up\n{procs.logs()}"
+        )
         first = _scrape(run_url)
         assert _value(first, "cqrs_events_relayed_total") == events
         assert (
@@ -225,7 +227,7 @@ def test_metrics_endpoints_count_a_workload(
             assert _value(first, "cqrs_dead_letter_entries", projection=name) == 0
 
         more = workload(2)
-        wait_until(lambda: _caught_up(wiring), timeout=30, what="caught up again")
+        wait_applied(wiring, lambda: _caught_up(wiring), timeout=30, what="caught up again")
         second = _scrape(run_url)
         assert _value(second, "cqrs_events_relayed_total") == events + more
         assert (

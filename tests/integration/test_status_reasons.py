@@ -15,8 +15,7 @@ from cqrs.commands.catalog import CreateProduct
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.status import BROKEN, CAUGHT_UP, REBUILDING, ProjectionStatus, collect_status
 from cqrs.wiring import Wiring
-from tests.helpers import run_cli
-from tests.integration.ops_support import cli_json
+from tests.helpers import cli_json, run_cli
 from tests.integration.projector_support import drain, run
 
 WIDE = {"COLUMNS": "400"}  # rich wraps long reasons at the terminal width

@@ -12,11 +12,10 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import subprocess
-import sys
 import threading
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -27,7 +26,7 @@ from cqrs.projector.worker import Worker
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from tests.conftest import settings_env
-from tests.helpers import run_cli, wait_until
+from tests.helpers import run_cli, wait_applied, wait_until
 from tests.integration.projector_support import (
     drain,
     malformed,
@@ -35,6 +34,7 @@ from tests.integration.projector_support import (
     relay_all,
     run,
 )
+from tests.procs import fleet
 
 PRODUCTS = PROJECTIONS["products"]
 
@@ -61,18 +61,8 @@ def live(settings: Settings) -> Iterator[Wiring]:
     wiring.close()
 
 
-def _project(env: dict[str, str], consumer: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "cqrs.app", "project", "--consumer", consumer],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-
-
 def test_malformed_entry_pending_at_takeover_is_dead_lettered_and_the_slot_moves_on(
-    live: Wiring,
+    live: Wiring, tmp_path: Path
 ) -> None:
     """The issue's reproduction, with real `cqrs project` processes."""
     wiring = live
@@ -83,22 +73,21 @@ def test_malformed_entry_pending_at_takeover_is_dead_lettered_and_the_slot_moves
     }
     stream = wiring.keys.stream(0)
     bad = wiring.redis.xadd(stream, malformed())
-    a = _project(env, "a")
-    try:
+    with fleet(tmp_path, env) as workers:
+        a = workers.worker("a")
         wait_until(
             lambda: deliveries(wiring, stream, bad) >= 1,
             timeout=30,
             what="worker a to read the malformed entry",
         )
-    finally:
         a.send_signal(signal.SIGKILL)
         a.wait(10)
-    b = _project(env, "b")
-    try:
+        b = workers.worker("b")
         created = run(wiring, CreateProduct(sku="AFTER", name="After", price="2.00", stock=1))
         relay_all(wiring)
         view = wiring.keys.views("products", 1).product(created.id)
-        wait_until(
+        wait_applied(
+            wiring,
             lambda: wiring.redis.hget(view, "name") == "After",
             timeout=30,
             what="a product created after the takeover to be projected",
@@ -116,9 +105,7 @@ def test_malformed_entry_pending_at_takeover_is_dead_lettered_and_the_slot_moves
         assert letters[0].deliveries <= 3
         assert "malformed" in letters[0].error
         assert wiring.redis.xpending(stream, "products")["pending"] == 0
-    finally:
-        b.send_signal(signal.SIGTERM)
-        assert b.wait(20) == 0, b.stderr.read() if b.stderr else ""
+        assert workers.stop(b, timeout=20) == 0, b.tail()
     drained = run_cli("run", "--drain", env=env, timeout=60)
     assert drained.returncode == 0, drained.stderr
 
@@ -262,7 +249,8 @@ def test_a_worker_making_no_progress_backs_off_and_says_why(
             product = uuid.uuid4()
             wiring.redis.xadd(stream, product_created(product, "flows"))
             view = wiring.keys.views("products", 1).product(product)
-            wait_until(
+            wait_applied(
+                wiring,
                 lambda: wiring.redis.hget(view, "name") == "flows",
                 timeout=20,
                 what="a new entry to be applied while the worker backs off",
