@@ -25,6 +25,8 @@ import os
 import socket
 import sys
 import time
+from typing import Any
+from urllib.parse import urlsplit, urlunsplit
 
 from cqrs.keys import KeyMap
 from cqrs.urls import libpq_url, mask_url, redis_url
@@ -51,6 +53,15 @@ def relay_healthy(database_url: str, max_age: float) -> tuple[bool, str]:
     return True, f"{count} unpublished event(s), oldest {age:.1f}s"
 
 
+def _is_cluster(client: Any) -> bool:
+    """`CQRS_REDIS_CLUSTER` (on/off), else the node's own answer (cqrs.wiring's rule,
+    without importing the wiring: a probe runs every few seconds)."""
+    mode = (os.environ.get("CQRS_REDIS_CLUSTER") or "auto").strip().lower()
+    if mode in ("on", "off", "true", "false", "1", "0", "yes", "no"):
+        return mode in ("on", "true", "1", "yes")
+    return str(client.info("cluster").get("cluster_enabled", "0")) == "1"
+
+
 def worker_healthy(
     url: str, namespace: str, projections: list[str], max_age: float, host: str
 ) -> tuple[bool, str]:
@@ -58,13 +69,25 @@ def worker_healthy(
 
     keys = KeyMap(namespace)
     since_ms = int((time.time() - max_age) * 1000)
-    client = redis.Redis.from_url(redis_url(url), socket_timeout=3, socket_connect_timeout=3)
+    from cqrs.redisio import round_trip
+
+    options: dict[str, Any] = {"socket_timeout": 3, "socket_connect_timeout": 3}
+    client: Any = redis.Redis.from_url(redis_url(url), **options)
     try:
-        with client.pipeline(transaction=False) as pipe:
-            for name in projections:
-                pipe.zrangebyscore(keys.workers(name), since_ms, "+inf")
-                pipe.exists(keys.replay_lock(name))
-            replies = pipe.execute()
+        if _is_cluster(client):
+            from redis.cluster import RedisCluster
+
+            client.close()
+            parts = urlsplit(redis_url(url))  # a cluster has database 0 only
+            client = RedisCluster.from_url(urlunsplit(parts._replace(path="")), **options)
+        commands: list[tuple[Any, ...]] = []
+        for name in projections:
+            commands.append(("ZRANGEBYSCORE", keys.workers(name), since_ms, "+inf"))
+            commands.append(("EXISTS", keys.replay_lock(name)))
+        replies = round_trip(client, commands)  # one packed trip (one per master)
+        for reply in replies:
+            if isinstance(reply, Exception):
+                raise reply
     except redis.RedisError as exc:
         return False, mask_url(f"cannot query Redis at {url}: {exc}")
     finally:

@@ -73,3 +73,18 @@ def test_http_readers_on_the_cluster(live: Wiring) -> None:
             await state.aclose()
 
     asyncio.run(scenario())
+
+
+def test_the_worker_health_probe_on_the_cluster(live: Wiring) -> None:
+    import socket
+
+    from cqrs.health import worker_healthy
+
+    names = list(PROJECTIONS)
+    deadline = time.monotonic() + 10
+    while True:
+        ok, detail = worker_healthy(live.redis_url, live.keys.ns, names, 30.0, socket.gethostname())
+        if ok or time.monotonic() > deadline:
+            break
+        time.sleep(0.1)
+    assert ok, detail
