@@ -43,6 +43,7 @@ from cqrs.health import OUTBOX_BACKLOG_SQL
 from cqrs.keys import KeyMap
 from cqrs.metrics import Gauge
 from cqrs.projector.projection import Projection
+from cqrs.redisio import is_cluster_client
 from cqrs.settings import Settings
 from cqrs.streams import PartitionGroup, parse_entry_id, partition_groups
 from cqrs.urls import libpq_url, mask_url
@@ -163,8 +164,11 @@ def projection_status(
     partitions: int,
 ) -> ProjectionStatus:
     name = projection.name
+    # A cluster pipeline refuses keyless commands (TIME): there it is asked on its own.
+    cluster = is_cluster_client(client)
     pipe = client.pipeline(transaction=False)
-    pipe.time()
+    if not cluster:
+        pipe.time()
     pipe.get(keys.generation(name))
     pipe.hgetall(keys.projection_state(name))
     pipe.exists(keys.replay_lock(name))
@@ -172,7 +176,9 @@ def projection_status(
     pipe.zrange(keys.workers(name), 0, -1, withscores=True)
     pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.progress(name))
-    server_time, generation, state, replaying, pause_ms, beats, dead, progress = pipe.execute()
+    replies = pipe.execute()
+    server_time = client.time() if cluster else replies.pop(0)
+    generation, state, replaying, pause_ms, beats, dead, progress = replies
     local_ms = time.time() * 1000  # heartbeats and progress carry the workers' clocks
     redis_ms = server_time[0] * 1000 + server_time[1] / 1000  # entry ids carry Redis's
 

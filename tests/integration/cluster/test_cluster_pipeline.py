@@ -11,6 +11,8 @@ from redis.exceptions import NoScriptError
 from cqrs.commands.catalog import CreateProduct, RenameProduct
 from cqrs.commands.customers import RegisterCustomer, RenameCustomer
 from cqrs.commands.orders import CancelOrder, PlaceOrder
+from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.status import collect_status
 from cqrs.queries.service import QueryService
 from cqrs.redisio import round_trip
 from cqrs.wiring import Wiring
@@ -71,6 +73,10 @@ def test_pipeline_on_the_cluster(cluster_wiring: Wiring) -> None:
     worker = drain(w)  # live batches through the consumer groups
     assert worker.stats.applied > 0 and worker.stats.dead_lettered == 0
     assert differences(w) == []
+    status = collect_status(w.redis, w.settings, list(PROJECTIONS.values()))
+    assert {p.name: (p.state, p.lag, p.pending) for p in status.projections} == {
+        name: ("caught up", 0, 0) for name in PROJECTIONS
+    }
 
     per_master = _keys_per_master(w)
     assert len(per_master) == 3 and all(n > 0 for n in per_master.values()), per_master
