@@ -6,8 +6,9 @@ so an event exists if and only if its change was committed (no "write then publi
 
 Why plain SQL on the pooled psycopg connection and not ORM objects: a command is a
 handful of statements whose cost is round trips, not SQL. The ORM unit of work (flush,
-identity map, version bookkeeping) cost ~2 ms of Python per command and sent every
-statement in its own round trip (8 for a product create, 12 for an order placement).
+identity map, version bookkeeping) cost more Python per command than the round trips and
+sent every statement in its own round trip (figures: docs/benchmarks.md, "Costs the
+code's comments rely on").
 Here the statements of a command are queued in psycopg's pipeline mode and travel
 together: a product create is one round trip plus COMMIT, an order placement two plus
 COMMIT (its reads, then all its writes). The connection still comes from the engine's
@@ -59,7 +60,7 @@ _QUEUED = "queued AS (INSERT INTO events.outbox (position) SELECT position FROM 
 
 def json_text(value: Any) -> str:
     """Compact JSON for a JSONB parameter; UUIDs and datetimes as their ISO strings.
-    pydantic's serializer, ~4x faster than `json.dumps` for a command's rows."""
+    pydantic's serializer, several times faster than `json.dumps` for a command's rows."""
     return to_json(value).decode()
 
 

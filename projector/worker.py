@@ -756,8 +756,8 @@ class Worker:
         if acks:
             finish.append(publish_command(self.redis, self.keys.applied_channel(), len(entries)))
             finish += self._progress_commands(last_acked)
-            # Packed like the reads (redis-py's Pipeline costs ~20 us per command, on
-            # every event's latency); an error reply here is raised as the Pipeline would.
+            # Packed like the reads (`cqrs.redisio` says why); an error reply here is
+            # raised as the Pipeline would.
             for reply in round_trip(self.redis, finish):
                 if isinstance(reply, Exception):
                     raise reply

@@ -210,12 +210,12 @@ class AsyncViews(ViewPlans):
         one more try on a fresh connection after a connection error (they are reads),
         BadView for an error reply (see `QueryService._round_trip`).
 
-        redis.asyncio's own send and read cost ~50 us more than this for the pair: each
-        `send_packed_command` runs in an `asyncio.wait_for` (a task per write) and each
-        `read_response` in a timeout context of its own. Here one `asyncio.timeout`
-        (the client's socket timeout) covers the write and both replies, read straight
-        from the connection's hiredis reader (`_send_and_read`). Waiting for a free
-        connection is the pool's business and outside that timeout (`WaitingPool`)."""
+        redis.asyncio's own send and read cost more than this for the pair (figure in
+        docs/benchmarks.md): each `send_packed_command` runs in an `asyncio.wait_for` (a
+        task per write) and each `read_response` in a timeout context of its own. Here one
+        `asyncio.timeout` (the client's socket timeout) covers the write and both replies,
+        read straight from the connection's hiredis reader (`_send_and_read`). Waiting for
+        a free connection is the pool's business and outside that timeout (`WaitingPool`)."""
         if is_cluster_client(self.redis):
             replies = await cluster_round_trip_async(self.redis, list(commands), _send_and_read)
             for command, reply in zip(commands, replies, strict=True):

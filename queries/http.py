@@ -120,7 +120,7 @@ def view_response(request: Request, body: bytes) -> Response:
     `version` is its own aggregate's version, yet other aggregates' events change it too
     (an order's `customer_name` on a customer rename, a customer's `order_count` and
     `lifetime_value` on order events), and a version-based tag would answer 304 with
-    stale data. Hashing the few hundred bytes we send anyway is exact and cheap (~1 us).
+    stale data. Hashing the few hundred bytes we send anyway is exact and cheap.
     """
     etag = f'W/"{hashlib.blake2b(body, digest_size=16).hexdigest()}"'
     headers = {"ETag": etag, "Cache-Control": "no-cache"}

@@ -104,10 +104,10 @@ M = TypeVar("M", bound=BaseModel)
 
 
 def view_model(model: type[M], data: dict[str, Any], key: str) -> M:
-    """The result model of one view. Validation stays on: pydantic-core checks a product
-    view in ~2 us, which is less than building the model by hand from converted values
-    (measured ~4 us for `model_construct` with UUID/Decimal/int conversions), and it is
-    what turns a hand-edited or corrupted view into an error naming the field."""
+    """The result model of one view. Validation stays on: pydantic-core checks a view
+    faster than building the model by hand from converted values (`model_construct` with
+    UUID/Decimal/int conversions; figures in docs/benchmarks.md), and it is what turns a
+    hand-edited or corrupted view into an error naming the field."""
     try:
         return model.model_validate(data)
     except ValidationError as exc:
@@ -415,9 +415,9 @@ class QueryService(ViewPlans):
     def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Send `commands` in one write on one pooled connection and read their replies.
 
-        A redis-py `Pipeline` costs ~20 us of Python for the two commands of a get-by-id
-        (command stack, response callbacks, its own connection handling): as much again
-        as the HGETALL round trip it wraps. Packed with hiredis and read straight from
+        A redis-py `Pipeline` for the two commands of a get-by-id (command stack, response
+        callbacks, its own connection handling) costs as much Python again as the HGETALL
+        round trip it wraps (docs/benchmarks.md). Packed with hiredis and read straight from
         the connection's hiredis reader (`cqrs.redisio`), the pair costs what one
         `client.hgetall` does. Replies are raw: HGETALL is a dict under RESP3 (redis-py's
         default) and a flat list under RESP2 (`hash_fields`).

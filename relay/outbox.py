@@ -72,10 +72,10 @@ _CLAIM_BATCH = f"""
 # XADDs every event of a pass that maps to one partition stream, in position order, in one
 # call. ARGV: each event's field values in `STREAM_FIELDS` order; the entries are exactly
 # those `XADD <stream> * <field> <value> ...` would write. Why a script: a redis-py pipeline
-# spends ~8 us of Python per XADD (packing each command, parsing each reply), more than the
-# rest of a pass; one call per stream costs ~2.5 us of packing per event and ~2 us more
-# Redis CPU than a plain XADD (measured: 2.8 against 0.9 us per entry). It keeps the pass's
-# writes in one packed round trip (`Relay._publish`), touches one key
+# spends more Python per XADD (packing each command, parsing each reply) than the rest of a
+# pass; one call per stream packs far less per event for a little more Redis CPU than a
+# plain XADD (figures: docs/benchmarks.md, "Costs the code's comments rely on"). It keeps
+# the pass's writes in one packed round trip (`Relay._publish`), touches one key
 # (Redis-Cluster-safe), and needs nothing new from Redis: the projector already runs scripts.
 _XADD_EVENTS_LUA = (
     "local n = 0\n"
@@ -124,9 +124,9 @@ class Relay:
         # A relay transaction only deletes outbox rows it has already published; if a
         # crash loses such a commit, the rows come back and are published again, which
         # at-least-once delivery allows (projections drop the copies). So it need not
-        # wait for its WAL to reach the disk: measured here, a commit takes 0.22 ms at
-        # p50 and 1.1 ms at p99 with the flush, 0.06 / 0.14 ms without, and every pass
-        # (the next event's latency) waits for the previous pass's commit.
+        # wait for its WAL to reach the disk, and every pass (the next event's latency)
+        # waits for the previous pass's commit, several times longer with the flush
+        # (docs/benchmarks.md, "Costs the code's comments rely on").
         conn = psycopg.connect(libpq_url(self.database_url), autocommit=True)
         conn.execute("SET synchronous_commit TO off")
         return conn
@@ -169,8 +169,8 @@ class Relay:
         return len(rows)
 
     def _publish(self, commands: list[tuple[Any, ...]]) -> None:
-        """A pass's writes to Redis in one packed round trip (`cqrs.redisio`: redis-py's
-        `Pipeline` costs ~20 us of Python per command, on every event's latency). Any
+        """A pass's writes to Redis in one packed round trip (`cqrs.redisio` says why:
+        redis-py's `Pipeline` adds Python per command to every event's latency). Any
         error reply raises, so the pass rolls back and deletes nothing. Also the seam
         where tests hold a pass between claiming its rows and publishing them."""
         for reply in round_trip(self.redis, commands):
