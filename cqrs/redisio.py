@@ -1,9 +1,10 @@
 """Packed round trips to Redis for the hot paths (projector batches, query get-by-id).
 
-redis-py's `Pipeline` costs ~20 us of Python per command (command stack, response
-callbacks) and `Connection.read_response` ~5 us per reply (timeouts, health checks,
+redis-py's `Pipeline` spends Python on every command (command stack, response
+callbacks) and `Connection.read_response` on every reply (timeouts, health checks,
 push-message handling). On paths that send thousands of commands per batch, or whose
-whole budget is one round trip, that is more than the commands themselves. These helpers
+whole budget is one round trip, that is more than the commands themselves (figures:
+docs/benchmarks.md, "Costs the code's comments rely on"). These helpers
 pack commands with hiredis into one write on a pooled connection and take the replies
 straight from the connection's hiredis reader. Replies are raw (no response callbacks):
 callers know what they asked for. With any other parser they go the documented way.
