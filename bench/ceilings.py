@@ -21,7 +21,6 @@ import random
 import threading
 import time
 import uuid
-from collections.abc import Iterable
 from typing import Any
 
 import psycopg
@@ -199,18 +198,7 @@ def raw_loop_child(
     return {"consumer": consumer, "rss": psutil.Process().memory_info().rss, "deliveries": events}
 
 
-# --- Redis: HGETALL round trip ------------------------------------------------------------
-
-
-def raw_hgetall(client: redis.Redis, keys: list[str], n: int) -> list[float]:
-    """Latency of n HGETALLs (seconds each), cycling over `keys`."""
-    samples = []
-    for i in range(n):
-        key = keys[i % len(keys)]
-        t = time.perf_counter()
-        client.hgetall(key)
-        samples.append(time.perf_counter() - t)
-    return samples
+# --- Redis: a plain hash's memory ---------------------------------------------------------
 
 
 def raw_hset_bytes(client: redis.Redis, key: str, fields: dict[str, Any]) -> tuple[int, str]:
@@ -338,8 +326,3 @@ def chain_write(
 
 def latencies(committed: dict[int, float], visible: dict[Any, float]) -> list[float]:
     return [visible[k] - t for k, t in committed.items() if k in visible]
-
-
-def chunks(items: list[Any], size: int) -> Iterable[list[Any]]:
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
