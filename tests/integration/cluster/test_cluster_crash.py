@@ -21,6 +21,8 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+import pytest
+
 from bench.workload import WorkloadReport, generate
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.state import live_generation
@@ -49,6 +51,7 @@ def _view_keys_per_master(wiring: Wiring) -> Counter[int]:
     return counts
 
 
+@pytest.mark.slow
 def test_views_converge_on_the_cluster_while_workers_are_sigkilled(
     cluster_wiring: Wiring, cluster_settings: Settings, tmp_path: Path
 ) -> None:

@@ -48,6 +48,7 @@ def _busiest_master(
     return cluster.node_by_port(port), streams
 
 
+@pytest.mark.slow
 def test_a_master_dies_mid_run_and_the_pipeline_carries_on(
     redis_cluster: ClusterBackend,
     cluster_wiring: Wiring,
