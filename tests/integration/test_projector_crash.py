@@ -37,7 +37,7 @@ from cqrs.projector.registry import PROJECTIONS
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from tests.conftest import settings_env
-from tests.helpers import event_count, run_cli, wait_until
+from tests.helpers import event_count, run_cli, wait_applied, wait_until
 from tests.integration.projector_support import (
     deploy_projections,
     differences,
@@ -351,10 +351,12 @@ def test_sigterm_finishes_and_acknowledges_the_batch_in_hand(
                 acked, held, waiting = progress()
                 return (acked, held, waiting) if acked and held and waiting else None
 
-            at_signal = wait_until(
+            # The worker publishes on the applied channel behind the first round of each
+            # batch, before acknowledging it: the moment looked for, so wake on it.
+            at_signal = wait_applied(
+                wiring,
                 batch_in_hand,
                 timeout=60,
-                interval=0.005,
                 what="the worker to hold a batch after applying some",
             )
             assert isinstance(at_signal, tuple), f"worker exited early\n{solo.tail()}"
