@@ -1,6 +1,6 @@
 """The relay's trim survives a worker acknowledging between its two reads.
 
-Found by the 10-minute soak (bench/soak.py, seed 1): `_safe_trim_id` read XINFO GROUPS
+Found by the 10-minute soak (`python -m bench.soak`, seed 1): `_safe_trim_id` read XINFO GROUPS
 (pending > 0), then XPENDING for the oldest pending id; a worker that acknowledged the last
 pending entries in between left XPENDING's `min` empty (None), and the relay crashed with
 AttributeError, three times in 20 s while workers caught up after an outage.

@@ -1,7 +1,7 @@
 """A replay during which Redis loses its data (FLUSHALL, a restart without persistence, a
 failover to an empty replica) must give up, not switch to what it built after the loss.
 
-Found by the soak (bench/soak.py, FLUSHALL while workers rebuilt from the log): the replay
+Found by the soak (`python -m bench.soak`, FLUSHALL while workers rebuilt from the log): the replay
 noticed the lost lock only when its keeper next renewed it (every 5 s), kept applying in
 the meantime, filed every event whose predecessor had vanished as a dead letter, and when
 it finished within that window it switched to a generation missing everything applied

@@ -1,6 +1,6 @@
 """An idle worker keeps its leases, whatever CQRS_PROJECTOR_BLOCK_MS is.
 
-Found by the soak (bench/soak.py runs workers with CQRS_PROJECTOR_LEASE_MS=1000): an idle
+Found by the soak (`python -m bench.soak` runs workers with CQRS_PROJECTOR_LEASE_MS=1000): an idle
 worker waited `projector_block_ms` (default 1 s) for a wake-up before renewing, so with a
 lease of 1 s or less every quiet second let every lease lapse; the slots then changed
 hands (or stayed unowned) and were recovered with XAUTOCLAIM over and over.
