@@ -14,6 +14,7 @@ from bench.soak.run import run
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse, run, print the report; exit 1 on any problem, 128+N when stopped by signal N."""
     parser = argparse.ArgumentParser(
         prog="python -m bench.soak",
         description="the whole system under a seeded workload and injected faults",

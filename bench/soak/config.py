@@ -53,11 +53,14 @@ HOSTILE = 0.1
 
 
 def log(message: str) -> None:
+    """Progress on stderr, so the report on stdout stays clean."""
     print(f"[soak {time.strftime('%H:%M:%S')}] {message}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True)
 class Config:
+    """One run's shape; with the seed, it decides the workload and the fault schedule."""
+
     seconds: float
     seed: int
     writers: int = 3

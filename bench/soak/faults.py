@@ -70,6 +70,8 @@ def poison_entries(rng: random.Random) -> list[tuple[str, dict[str, str]]]:
 
 
 class Injector(threading.Thread):
+    """Fires the seeded fault schedule and records what it injected (poisons, dead letters)."""
+
     def __init__(
         self,
         config: Config,

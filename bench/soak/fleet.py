@@ -80,6 +80,9 @@ class Managed:
 
 
 class Fleet:
+    """The relay and workers of the run: restarted by `check()` when they exit on their own
+    (recorded as unexpected), killed, frozen and resumed by the injector, stopped at the end."""
+
     def __init__(self, env: dict[str, str], log_dir: Path, children: Children) -> None:
         self.env = env
         self.log_dir = log_dir

@@ -71,6 +71,8 @@ class Writers(threading.Thread):
 
 @dataclass
 class ReaderStats:
+    """What the readers saw; `invalid` lists views that broke a rule (a problem of the run)."""
+
     lock: threading.Lock = field(default_factory=threading.Lock)
     reads: int = 0
     not_found: int = 0

@@ -23,6 +23,8 @@ from cqrs.wiring import make_redis
 
 @dataclass
 class LagStats:
+    """The worst lag and backlog seen, and commit-to-view latencies (the report's "lag")."""
+
     max_entries: dict[str, int] = field(default_factory=lambda: dict.fromkeys(PROJECTIONS, 0))
     max_backlog: int = 0  # events committed but not yet relayed (outbox rows)
     latencies: list[float] = field(default_factory=list)  # commit -> visible in every view

@@ -71,6 +71,7 @@ class PgLayout:
 
 
 def pg_url(port: int) -> str:
+    """The URL the CLI prints and the wiring uses (the `cqrs` database, trust auth)."""
     return f"postgresql://{DB_USER}@{HOST}:{port}/{DB_NAME}"
 
 
@@ -92,6 +93,7 @@ def pg_connect(port: int, dbname: str, connect_timeout: int = 2) -> Any:
 
 
 def pg_ready(port: int) -> bool:
+    """PostgreSQL accepts connections (it may run, yet still be recovering)."""
     import psycopg
 
     try:
@@ -134,6 +136,7 @@ def pg_install() -> PgInstall:
 
 
 def install_checks(bin_dir: Path, libs: Path) -> list[tuple[str, Path]]:
+    """What the PostgreSQL OS user must reach to run the binaries in `bin_dir`."""
     root = bin_dir.parent
     checks = [
         ("-x", bin_dir / "postgres"),
@@ -327,6 +330,7 @@ def recover_data_dir(layout: PgLayout, deadline: float, timeout: float) -> dict[
 def ensure_postgres(
     home: Path, state: dict[str, Any], run_as: RunAs | None, deadline: float, timeout: float
 ) -> dict[str, Any]:
+    """The running PostgreSQL of `home`: reused, adopted (state file lost), or started."""
     previous = state.get("postgres")
     reused = reuse("PostgreSQL", previous, pg_ready, deadline, timeout)
     if reused is not None:

@@ -121,6 +121,7 @@ def reap(pid: int) -> None:
 
 
 def gone(proc: psutil.Process) -> bool:
+    """Exited or a zombie (reaped first when it is our own child)."""
     reap(proc.pid)
     try:
         return proc.status() == psutil.STATUS_ZOMBIE

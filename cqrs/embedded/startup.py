@@ -42,6 +42,7 @@ def free_port() -> int:
 
 
 def port_free(port: int) -> bool:
+    """Nothing listens on `port` (SO_REUSEADDR: a socket in TIME_WAIT does not count)."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -52,6 +53,7 @@ def port_free(port: int) -> bool:
 
 
 def log_since(log: Path, offset: int) -> str:
+    """What the server wrote since `offset` (bounded: a start-up log, not a whole day's)."""
     try:
         with open(log, "rb") as fh:
             fh.seek(offset)
@@ -61,6 +63,7 @@ def log_since(log: Path, offset: int) -> str:
 
 
 def log_size(log: Path) -> int:
+    """Where this start's output will begin in the (appended) log."""
     try:
         return log.stat().st_size
     except OSError:
@@ -180,6 +183,7 @@ def reuse(
 def describe(
     entry: object, url: Callable[[int], str], ready: Callable[[int], bool]
 ) -> dict[str, object]:
+    """One server's entry of `status()`: recorded, alive (our process), ready (answers)."""
     if not isinstance(entry, dict) or not isinstance(entry.get("port"), int):
         return {"pid": None, "port": None, "url": None, "alive": False, "ready": False, "log": None}
     port = int(entry["port"])

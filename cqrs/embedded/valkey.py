@@ -16,10 +16,12 @@ from cqrs.embedded.state import previous_port, write_state
 
 
 def redis_url(port: int) -> str:
+    """The URL the CLI prints and the wiring uses (database 0)."""
     return f"redis://{HOST}:{port}/0"
 
 
 def redis_ready(port: int) -> bool:
+    """Valkey answers PING (it refuses commands while loading its append-only file)."""
     import redis
 
     client = redis.Redis(host=HOST, port=port, socket_connect_timeout=1, socket_timeout=1)
@@ -64,6 +66,7 @@ def orphan_valkey(data: Path, binary: Path) -> dict[str, Any] | None:
 def ensure_valkey(
     home: Path, state: dict[str, Any], deadline: float, timeout: float
 ) -> dict[str, Any]:
+    """The running Valkey of `home`: reused, adopted (state file lost), or started."""
     previous = state.get("redis")
     reused = reuse("Valkey", previous, redis_ready, deadline, timeout)
     if reused is not None:
