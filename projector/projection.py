@@ -25,6 +25,24 @@ from cqrs.keys import ViewKeys
 from cqrs.projector.steps import Step
 
 Handler = Callable[[EventHeader, Payload, ViewKeys], list[Step]]
+Parser = Callable[[dict[str, str]], tuple[EventHeader, Payload]]
+
+
+class ParseOnce:
+    """A parser for one batch that parses each entry once, however many projections
+    handle it: customer and order events are read by two consumer groups, each with its
+    own delivery (its own fields dict) of the same entry. Keyed by the entry's content,
+    so two deliveries of one entry share a parse and two entries never do."""
+
+    def __init__(self) -> None:
+        self._seen: dict[tuple[tuple[str, str], ...], tuple[EventHeader, Payload]] = {}
+
+    def __call__(self, fields: dict[str, str]) -> tuple[EventHeader, Payload]:
+        key = tuple(fields.items())
+        found = self._seen.get(key)
+        if found is None:
+            found = self._seen[key] = parse_stream_entry(fields)
+        return found
 
 
 @dataclass(frozen=True)
@@ -57,9 +75,6 @@ class Projection:
         if bad:
             raise ContractError(f"projection {self.name!r}: handlers for {bad} are not callable")
 
-    def handles(self, event_type: str) -> bool:
-        return event_type in self.handlers
-
     def skips(self, event_type: object) -> bool:
         """A known event type this projection has no handler for.
 
@@ -70,22 +85,29 @@ class Projection:
         to be dead-lettered with the reason."""
         return event_type not in self.handlers and event_type in PAYLOAD_TYPES
 
-    def steps(self, fields: dict[str, str], views: ViewKeys) -> list[Step] | None:
-        """The steps of one stream entry; None when the projection skips its type.
-        Raises EventError for anything malformed."""
-        event_type = fields.get("type")
+    def steps(
+        self,
+        record: dict[str, str] | EventEnvelope,
+        views: ViewKeys,
+        parse: Parser = parse_stream_entry,
+    ) -> list[Step] | None:
+        """The steps of one event: the one way from an event to its steps, for the live
+        worker, the replay (from streams or the log) and dead-letter retries alike.
+
+        `record` is a stream entry's fields, parsed by `parse` only when this projection
+        handles its type (the worker passes a parser that parses an entry once per batch
+        for the projections that share it), or an envelope already read from the log.
+        None when the projection skips the type; EventError for anything malformed,
+        including a type nobody knows (parsed first, so the error says what is wrong)."""
+        if isinstance(record, EventEnvelope):
+            handler = self.handlers.get(record.event_type)
+            return None if handler is None else handler(record, record.typed_payload(), views)
+        event_type = record.get("type")
         handler = self.handlers.get(event_type)  # type: ignore[arg-type]
         if handler is None:
             if event_type in PAYLOAD_TYPES:
                 return None
-            parse_stream_entry(fields)  # raises, saying what is wrong with the entry
+            parse_stream_entry(record)  # raises, saying what is wrong with the entry
             raise EventError(f"unknown event type {event_type!r}")
-        event, payload = parse_stream_entry(fields)
+        event, payload = parse(record)
         return handler(event, payload, views)
-
-    def steps_of_event(self, event: EventEnvelope, views: ViewKeys) -> list[Step] | None:
-        """The steps of an event already read as an envelope (from the log)."""
-        handler = self.handlers.get(event.event_type)
-        if handler is None:
-            return None
-        return handler(event, event.typed_payload(), views)

@@ -27,7 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import psycopg
@@ -76,7 +76,6 @@ class ReplayResult:
     new_generation: int
     dead_lettered: int = 0
     removed_keys: int = 0
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def events_per_second(self) -> float:
@@ -219,10 +218,7 @@ class Replayer:
             # A generator: run_steps sends the first steps while later items are parsed.
             for _source, _entry_id, record in items:
                 try:
-                    if isinstance(record, EventEnvelope):
-                        steps = projection.steps_of_event(record, views)
-                    else:
-                        steps = projection.steps(record, views)
+                    steps = projection.steps(record, views)
                     errors.append(None)
                     yield steps or []
                 except Exception as exc:

@@ -14,7 +14,7 @@ events' writes is preserved within every round.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import redis
@@ -97,7 +97,6 @@ class BatchOutcome:
     applied: int = 0
     duplicates: int = 0
     rounds: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def _command_args(step: Step, shas: dict[str, str]) -> tuple[Any, ...]:

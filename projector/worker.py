@@ -28,16 +28,16 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import psycopg
 import redis
 
-from cqrs.events import EventError, EventHeader, Payload, parse_stream_entry
+from cqrs.events import EventError
 from cqrs.keys import KeyMap, ViewKeys
 from cqrs.projector.deadletters import DeadLetter, dead_letter_fields
-from cqrs.projector.projection import Projection
+from cqrs.projector.projection import ParseOnce, Projection
 from cqrs.projector.scripts import Scripts
 from cqrs.projector.state import live_generation
 from cqrs.projector.steps import Step, run_steps
@@ -96,7 +96,6 @@ class WorkerStats:
     failed: int = 0
     dead_lettered: int = 0
     skipped: int = 0
-    extra: dict[str, int] = field(default_factory=dict)
 
 
 def _as_dict(flat: Any) -> dict[str, str] | None:
@@ -615,11 +614,6 @@ class Worker:
 
     # --- applying ----------------------------------------------------------------------
 
-    def steps_for(self, projection: Projection, fields: dict[str, str]) -> list[Step] | None:
-        """The steps of one entry for one projection; None when it does not concern it.
-        Raises EventError for anything malformed."""
-        return projection.steps(fields, self.views[projection.name])
-
     def reapply(self, projection: Projection, letters: list[DeadLetter]) -> list[str | None]:
         """Apply dead letters again, oldest first, in one batch; the error per letter (None
         when it applied or was already applied)."""
@@ -629,7 +623,7 @@ class Worker:
         errors: list[str | None] = []
         for letter in letters:
             try:
-                per_event.append(self.steps_for(projection, letter.fields) or [])
+                per_event.append(projection.steps(letter.fields, self.views[projection.name]) or [])
                 errors.append(None)
             except Exception as exc:
                 per_event.append([])
@@ -644,11 +638,7 @@ class Worker:
         errors: list[str | None] = []  # per entry: why it could not even be turned into steps
         handled: list[bool] = []  # instrumentation: the projection handles the event type
         views = self.views
-        # Customer and order events are handled by two projections, each reading its own
-        # delivery of the same entry: parse such an entry once per batch. The entry's
-        # fields dict is the same object in neither delivery, so the key is the entry's
-        # identity in its stream.
-        parsed: dict[tuple[str, str], tuple[EventHeader, Payload]] = {}
+        parse = ParseOnce()  # an entry two projections handle is parsed once per batch
 
         def per_event() -> Iterator[list[Step]]:
             # A generator: run_steps sends the first steps while later entries are parsed.
@@ -661,15 +651,7 @@ class Worker:
                     continue
                 projection = entry.slot.projection
                 try:
-                    handler = projection.handlers.get(fields.get("type"))  # type: ignore[arg-type]
-                    if handler is None:  # skipped, or an unknown type (raises)
-                        steps = projection.steps(fields, views[projection.name])
-                    else:
-                        key = (entry.slot.stream, entry.entry_id)
-                        found = parsed.get(key)
-                        if found is None:
-                            found = parsed[key] = parse_stream_entry(fields)
-                        steps = handler(found[0], found[1], views[projection.name])
+                    steps = projection.steps(fields, views[projection.name], parse)
                 except EventError as exc:
                     errors.append(str(exc))
                     handled.append(False)

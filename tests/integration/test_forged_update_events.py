@@ -220,7 +220,7 @@ def test_gap_and_missing_view_are_told_apart_and_a_late_creation_still_applies(
 
     def event(event_type: str, version: int, payload: dict) -> list:
         e = _entry(event_type, "product", pid, pid, payload, version=version)
-        return products.steps_of_event(e, views)
+        return products.steps(e, views)
 
     created = {"sku": "L-1", "name": "Late", "price": "1.00", "stock": 1}
     early = run_steps(wiring.redis, scripts, [event("ProductRenamed", 2, {"name": "Two"})])
