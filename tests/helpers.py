@@ -20,6 +20,7 @@ import psycopg
 import redis
 
 from cqrs.keys import KeyMap
+from cqrs.redisio import Subscription
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
 
@@ -90,9 +91,9 @@ def wait_applied(
     else:
         condition = token_or_condition
     deadline = time.monotonic() + timeout
-    pubsub = wiring.redis.pubsub(ignore_subscribe_messages=True)
+    # The kernel's subscription: sharded on a Redis Cluster, as the projector publishes there.
+    pubsub = Subscription(wiring.redis, wiring.keys.applied_channel())
     try:
-        pubsub.subscribe(wiring.keys.applied_channel())
         while True:
             value = condition()
             if value:
