@@ -10,6 +10,7 @@ steps on different keys; a crash in between leaves a duplicate dead letter with 
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -17,6 +18,9 @@ from typing import Any
 import redis
 
 from cqrs.keys import KeyMap
+from cqrs.redisio import round_trip
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -132,3 +136,45 @@ def refile_dead_letters(
         )
         pipe.xdel(key, letter.id)
     pipe.execute()
+
+
+def file_dead_letters(
+    client: redis.Redis,
+    keys: KeyMap,
+    projection: str,
+    stream: str,
+    letters: dict[str, dict[str, str] | None],
+    deliveries: dict[str, int],
+    errors: dict[str, str],
+    log_extra: dict[str, Any],
+) -> None:
+    """File stream entries (id -> fields, None when the entry is gone) in the
+    projection's dead letters and acknowledge them, in one round trip. Two keys in
+    different hash tags, so not atomic: a crash in between files the same entry again
+    next time, which `cqrs dlq` shows and applies once."""
+    commands: list[tuple[Any, ...]] = []
+    for eid, found in letters.items():
+        fields = found or {}
+        letter = dead_letter_fields(projection, stream, eid, fields, errors[eid], deliveries[eid])
+        commands.append(
+            ("XADD", keys.dead_letters(projection), "*", *[x for kv in letter.items() for x in kv])
+        )
+        log.error(
+            "dead-lettered %s %s after %d deliveries: %s",
+            projection,
+            eid,
+            deliveries[eid],
+            errors[eid],
+            extra={
+                **log_extra,
+                "projection": projection,
+                "entry_id": eid,
+                "event_id": fields.get("event_id"),
+                "event_type": fields.get("type"),
+                "deliveries": deliveries[eid],
+            },
+        )
+    commands.append(("XACK", stream, projection, *letters))
+    for reply in round_trip(client, commands):
+        if isinstance(reply, Exception):
+            raise reply

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import os
 import socket
 import threading
@@ -36,7 +35,8 @@ import redis
 
 from cqrs.events import EventError
 from cqrs.keys import KeyMap, ViewKeys
-from cqrs.projector.deadletters import DeadLetter, dead_letter_fields
+from cqrs.projector.deadletters import DeadLetter, file_dead_letters
+from cqrs.projector.leases import Leases
 from cqrs.projector.projection import ParseOnce, Projection
 from cqrs.projector.scripts import Scripts
 from cqrs.projector.state import live_generation
@@ -131,6 +131,9 @@ class Worker:
         self.scripts = Scripts(client)
         self.projections = list(projections)
         self.consumer = consumer or f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+        self.leases = Leases(
+            client, self.keys, self.scripts, self.consumer, settings.projector_lease_ms
+        )
         self.partitions = stream_partitions(client, self.keys, settings.partitions)
         self.owned: dict[tuple[str, int], Slot] = {}
         self.views: dict[str, ViewKeys] = {}
@@ -166,14 +169,7 @@ class Worker:
         total = len(self._all_slots())
         if drain:
             return total
-        now_ms = int(time.time() * 1000)
-        alive = 0
-        for projection in self.projections:
-            key = self.keys.workers(projection.name)
-            alive = max(
-                alive, self.redis.zcount(key, now_ms - 3 * self.settings.projector_lease_ms, "+inf")
-            )
-        return math.ceil(total / max(alive, 1))
+        return self.leases.fair_share((p.name for p in self.projections), total)
 
     def refresh_status(self) -> None:
         """Which projections live workers may touch right now: a projection with no valid
@@ -261,24 +257,12 @@ class Worker:
         if not force and (time.monotonic() - self._last_maintenance) * 1000 < lease_ms / 3:
             return
         self._last_maintenance = time.monotonic()
-        now_ms = int(time.time() * 1000)
-        commands: list[tuple[Any, ...]] = []
-        for projection in self.projections:
-            key = self.keys.workers(projection.name)
-            commands.append(("ZADD", key, now_ms, self.consumer))
-            commands.append(("ZREMRANGEBYSCORE", key, "-inf", now_ms - 10 * lease_ms))
         slots = list(self.owned.values())
-        for slot in slots:
-            commands.append(
-                self.scripts.command("renew_lease", [slot.lease], [self.consumer, lease_ms])
-            )
-        # One packed round trip (one per master on a cluster), scripts reloaded on NOSCRIPT.
-        results = self.scripts.run(commands)
-        for result in results:
-            if isinstance(result, Exception):
-                raise result
-        for slot, renewed in zip(slots, results[2 * len(self.projections) :], strict=True):
-            if not renewed:
+        renewed = self.leases.beat_and_renew(
+            [p.name for p in self.projections], [slot.lease for slot in slots]
+        )
+        for slot, ours in zip(slots, renewed, strict=True):
+            if not ours:
                 log.warning(
                     "lost lease on %s partition %d",
                     slot.projection.name,
@@ -298,7 +282,7 @@ class Worker:
             if (projection.name, partition) in self.owned:
                 continue
             lease = self.keys.lease(projection.name, partition)
-            if self.redis.set(lease, self.consumer, nx=True, px=lease_ms):
+            if self.leases.take(lease):
                 self._take(projection, partition, lease)
         while len(self.owned) > share:
             key, slot = next(reversed(self.owned.items()))
@@ -381,16 +365,13 @@ class Worker:
                 raise
 
     def _release(self, slot: Slot) -> None:
-        self.scripts["release_lease"](keys=[slot.lease], args=[self.consumer])
+        self.leases.release(slot.lease)
 
     def release_all(self) -> None:
-        for slot in self.owned.values():
-            with contextlib.suppress(_TRANSIENT):
-                self._release(slot)
+        self.leases.leave(
+            [p.name for p in self.projections], [slot.lease for slot in self.owned.values()]
+        )
         self.owned.clear()
-        for projection in self.projections:
-            with contextlib.suppress(_TRANSIENT):
-                self.redis.zrem(self.keys.workers(projection.name), self.consumer)
 
     # --- reading -----------------------------------------------------------------------
 
@@ -414,8 +395,6 @@ class Worker:
             return []
         slots = list(self.owned.values())
         now = time.monotonic()
-        if not any(s.recovering or (s.retry_at is not None and s.retry_at <= now) for s in slots):
-            return self._read_new(slots)
         count = self.settings.projector_batch_size
         delay = self.settings.projector_retry_delay_ms
         commands = self._status_commands()
@@ -487,28 +466,6 @@ class Worker:
         return ("XREADGROUP", "GROUP", slot.projection.name, self.consumer, "COUNT",
                 self.settings.projector_batch_size, "STREAMS", slot.stream, ">")  # fmt: skip
 
-    def _read_new(self, slots: list[Slot]) -> list[Entry]:
-        """The steady state of `_read`: the status and new entries of every slot, in one
-        packed round trip (`cqrs.redisio.round_trip`: redis-py's Pipeline costs more per
-        command than a live batch can spare; docs/benchmarks.md)."""
-        commands = self._status_commands()
-        commands += [self._xreadgroup(slot) for slot in slots]
-        results = round_trip(self.redis, commands)
-        n_status = _STATUS_COMMANDS * len(self.projections)
-        self._apply_status(results[:n_status])
-        entries: list[Entry] = []
-        for slot, result in zip(slots, results[n_status:], strict=True):
-            if slot.projection.name not in self.active:
-                continue  # left pending, as in `_read`
-            if isinstance(result, Exception):
-                if "NOGROUP" not in str(result):
-                    raise result
-                self._group_gone(slot)
-                continue
-            if result:
-                entries += self._entries(slot, result)
-        return entries
-
     @staticmethod
     def _entries(slot: Slot, result: Any) -> list[Entry]:
         """Entries of one raw XREADGROUP reply: RESP3 {stream: rows}, RESP2 [[stream, rows]]."""
@@ -577,37 +534,14 @@ class Worker:
     def _dead_letter(
         self, slot: Slot, letters: dict[str, dict[str, str] | None], deliveries: dict[str, int]
     ) -> None:
-        """File entries in the projection's dead letters and acknowledge them, in one
-        round trip. Two keys in different hash tags, so not atomic: a crash in between
-        files the same entry again next time, which `cqrs dlq` shows and applies once."""
         name = slot.projection.name
-        errors = self._last_errors
-        commands: list[tuple[Any, ...]] = []
-        for eid, fields in letters.items():
-            fields = fields or {}
-            error = errors.pop((name, slot.stream, eid), "failed repeatedly")
-            letter = dead_letter_fields(name, slot.stream, eid, fields, error, deliveries[eid])
-            flat = [x for pair in letter.items() for x in pair]
-            commands.append(("XADD", self.keys.dead_letters(name), "*", *flat))
-            log.error(
-                "dead-lettered %s %s after %d deliveries: %s",
-                name,
-                eid,
-                deliveries[eid],
-                error,
-                extra={
-                    **self._log,
-                    "projection": name,
-                    "entry_id": eid,
-                    "event_id": fields.get("event_id"),
-                    "event_type": fields.get("type"),
-                    "deliveries": deliveries[eid],
-                },
-            )
-        commands.append(("XACK", slot.stream, name, *letters))
-        for reply in round_trip(self.redis, commands):
-            if isinstance(reply, Exception):
-                raise reply
+        errors = {
+            eid: self._last_errors.pop((name, slot.stream, eid), "failed repeatedly")
+            for eid in letters
+        }
+        file_dead_letters(
+            self.redis, self.keys, name, slot.stream, letters, deliveries, errors, self._log
+        )
         self.stats.dead_lettered += len(letters)
         if self.metrics is not None:
             self.metrics.dead_lettered(name, len(letters))
