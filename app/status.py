@@ -61,9 +61,8 @@ def status_command(
                 _watch(collect, json_output, max_lag, max_age)
                 return
             report = collect()
-        except (redis.ConnectionError, redis.TimeoutError, redis.AuthenticationError) as exc:
-            fail(f"cannot reach Redis at {wiring.redis_url}: {exc}")
-        except redis.ResponseError as exc:
+        except redis.RedisError as exc:
+            # The one translation of driver errors (it masks the URL's password).
             fail(unreachable_message(exc) or f"Redis refused a status query: {exc}")
     finally:
         wiring.close()
