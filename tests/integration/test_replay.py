@@ -324,7 +324,13 @@ def test_a_replay_killed_midway_leaves_the_live_views_and_the_next_one_cleans_up
     drain(wiring)
     live = live_generation(client, keys, "products")
     before = live_snapshot(client, keys)
-    env = {**settings_env(settings), "CQRS_PROJECTOR_LEASE_MS": "1000"}
+    # The killed replay's lock must outlive the checks below and a CLI start on a loaded
+    # machine (the suite's 3 s lapsed first): 10 s, renewed every 3.3 s while it runs.
+    env = {
+        **settings_env(settings),
+        "CQRS_PROJECTOR_LEASE_MS": "1000",
+        "CQRS_REPLAY_LOCK_MS": "10000",
+    }
     service = QueryService(client, keys, partitions=settings.partitions)
     top = service.top_products(limit=5)
     assert len(top) == 5
