@@ -352,28 +352,80 @@ def _refresh(client: Any) -> None:
         client.set_default_node(primaries[0])
 
 
-async def _send_and_read_simple(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
-    await conn.send_packed_command(b"".join(pack(args) for args in commands))
-    replies: list[Any] = []
-    for _ in commands:
-        try:
-            replies.append(await conn.read_response())
-        except ResponseError as exc:
-            replies.append(exc)
+async def send_and_read_async(conn: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """Write the packed commands and read one reply per command, error replies as
+    exception objects in their place. With redis-py's hiredis parser the bytes go
+    straight to the connection's stream writer and the replies come straight from its
+    reader; any other layout goes through the documented (slower) calls."""
+    parser = getattr(conn, "_parser", None)
+    reader = getattr(parser, "_reader", None)
+    writer = getattr(conn, "_writer", None)
+    fill = getattr(parser, "read_from_socket", None)
+    if reader is None or writer is None or fill is None or _NOT_ENOUGH_DATA is None:
+        await conn.send_packed_command(b"".join(pack(c) for c in commands))
+        replies: list[Any] = []
+        for _ in commands:
+            try:
+                replies.append(await conn.read_response())
+            except ResponseError as exc:
+                replies.append(exc)
+        return replies
+    writer.write(b"".join(pack(c) for c in commands))
+    await writer.drain()
+    push_type = getattr(parser, "_hiredis_PushNotificationType", None)
+    replies = []
+    while len(replies) < len(commands):
+        reply = reader.gets()
+        if reply is _NOT_ENOUGH_DATA:
+            await fill()
+        elif isinstance(reply, RedisConnectionError):
+            raise reply  # a protocol error: the replies that follow cannot be trusted
+        elif push_type is not None and isinstance(reply, push_type):
+            await parser.handle_push_response(reply)
+        else:
+            replies.append(reply)
     return replies
+
+
+async def round_trip_async(client: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """`round_trip` on redis.asyncio (the HTTP server): every command in one write on
+    one pooled connection, every reply read, errors in their place; on a cluster client,
+    one packed write per master (`cluster_round_trip_async`). One `asyncio.timeout` (the
+    client's socket timeout) covers the write and the replies; waiting for a free
+    connection is the pool's business and outside it. A connection or timeout error
+    disconnects (replies may be left unread) and raises redis-py's error."""
+    import asyncio
+
+    if is_cluster_client(client):
+        return await cluster_round_trip_async(client, commands)
+    pool = client.connection_pool
+    conn = await pool.get_connection()
+    try:
+        async with asyncio.timeout(conn.socket_timeout):
+            return await send_and_read_async(conn, commands)
+    except TimeoutError:
+        await conn.disconnect()
+        raise RedisTimeoutError(f"Timeout reading from {conn.host}") from None
+    except BaseException:
+        await conn.disconnect()
+        raise
+    finally:
+        await pool.release(conn)
 
 
 async def cluster_round_trip_async(
     client: Any,
     commands: list[tuple[Any, ...]],
-    send_and_read: Any = _send_and_read_simple,
+    send_and_read: Any = None,
 ) -> list[Any]:
     """`cluster_round_trip` on `redis.asyncio.cluster.RedisCluster` (the HTTP server):
     one packed write per master, the masters' parts awaited together, redirects and
     failed nodes retried after a slot-map refresh (bounded), then ConnectionError.
-    `send_and_read(conn, commands)` writes and reads one node's part (the query side
-    passes its hiredis-direct reader)."""
+    `send_and_read(conn, commands)` writes and reads one node's part (by default the
+    hiredis-direct `send_and_read_async`)."""
     import asyncio
+
+    send_and_read = send_and_read or send_and_read_async
 
     await client.initialize()  # the slot map, once (a no-op after the first call)
     replies: list[Any] = [None] * len(commands)

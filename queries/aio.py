@@ -26,65 +26,17 @@ import redis.asyncio
 from pydantic import BaseModel
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import MaxConnectionsError, ResponseError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from cqrs.contracts import ViewContract
 from cqrs.keys import KeyMap
 from cqrs.queries.errors import BadView, Busy
 from cqrs.queries.models import Page
 from cqrs.queries.service import Plan, ViewPlans
-from cqrs.redisio import cluster_round_trip_async, is_cluster_client
+from cqrs.redisio import is_cluster_client, round_trip_async
 from cqrs.urls import redis_url as to_redis_url
 from cqrs.wiring import cluster_url
 
 T = TypeVar("T")
-
-try:  # redis[hiredis] is a dependency; the fallback only keeps a bare redis-py working
-    from hiredis import pack_command as _hiredis_pack
-    from redis._parsers.hiredis import NOT_ENOUGH_DATA as _NOT_ENOUGH_DATA
-except ImportError:  # pragma: no cover
-    _hiredis_pack = None
-    _NOT_ENOUGH_DATA = None
-
-
-async def _send_and_read(conn: Any, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-    """Write the packed commands and read one reply per command, error replies as
-    exception objects in their place. With redis-py's hiredis parser the bytes go
-    straight to the connection's stream writer and the replies come straight from its
-    reader; any other layout goes through the documented (slower) calls."""
-    parser = getattr(conn, "_parser", None)
-    reader = getattr(parser, "_reader", None)
-    writer = getattr(conn, "_writer", None)
-    fill = getattr(parser, "read_from_socket", None)
-    if reader is None or writer is None or fill is None or _NOT_ENOUGH_DATA is None:
-        payload = (
-            b"".join(_hiredis_pack(c) for c in commands)
-            if _hiredis_pack is not None
-            else b"".join(conn.pack_commands(commands))
-        )
-        await conn.send_packed_command(payload)
-        replies: list[Any] = []
-        for _ in commands:
-            try:
-                replies.append(await conn.read_response())
-            except ResponseError as exc:
-                replies.append(exc)
-        return replies
-    writer.write(b"".join(_hiredis_pack(c) for c in commands))
-    await writer.drain()
-    push_type = getattr(parser, "_hiredis_PushNotificationType", None)
-    replies = []
-    while len(replies) < len(commands):
-        reply = reader.gets()
-        if reply is _NOT_ENOUGH_DATA:
-            await fill()
-        elif isinstance(reply, RedisConnectionError):
-            raise reply  # a protocol error: the replies that follow cannot be trusted
-        elif push_type is not None and isinstance(reply, push_type):
-            await parser.handle_push_response(reply)
-        else:
-            replies.append(reply)
-    return replies
 
 
 def client_options(socket_timeout: float, client_name: str | None = None) -> dict[str, Any]:
@@ -212,39 +164,21 @@ class AsyncViews(ViewPlans):
 
         redis.asyncio's own send and read cost more than this for the pair (figure in
         docs/benchmarks.md): each `send_packed_command` runs in an `asyncio.wait_for` (a
-        task per write) and each `read_response` in a timeout context of its own. Here one
-        `asyncio.timeout` (the client's socket timeout) covers the write and both replies,
-        read straight from the connection's hiredis reader (`_send_and_read`). Waiting for
-        a free connection is the pool's business and outside that timeout (`WaitingPool`)."""
-        if is_cluster_client(self.redis):
-            replies = await cluster_round_trip_async(self.redis, list(commands), _send_and_read)
-            for command, reply in zip(commands, replies, strict=True):
-                if isinstance(reply, ResponseError):
-                    raise BadView(f"view {command[1]} cannot be read: {reply}")
-            return replies
-        pool = self.redis.connection_pool
+        task per write) and each `read_response` in a timeout context of its own;
+        `cqrs.redisio.round_trip_async` puts one timeout over the write and the replies,
+        read straight from the connection's hiredis reader. Waiting for a free connection
+        is the pool's business and outside that timeout (`WaitingPool`)."""
         for attempt in (1, 2):
-            conn = await pool.get_connection()
             try:
-                async with asyncio.timeout(conn.socket_timeout):
-                    replies = await _send_and_read(conn, commands)
-                for command, reply in zip(commands, replies, strict=True):
-                    if isinstance(reply, ResponseError):
-                        raise BadView(f"view {command[1]} cannot be read: {reply}")
-                return replies
+                replies = await round_trip_async(self.redis, list(commands))
+                break
             except RedisConnectionError:
-                await conn.disconnect()
-                if attempt == 2:
-                    raise
-            except TimeoutError:
-                await conn.disconnect()
-                raise RedisTimeoutError(f"Timeout reading from {conn.host}") from None
-            except BaseException:
-                await conn.disconnect()  # later replies may be unread on it
-                raise
-            finally:
-                await pool.release(conn)
-        raise AssertionError("unreachable")  # pragma: no cover
+                if attempt == 2 or is_cluster_client(self.redis):
+                    raise  # the cluster round trip retries (after a refresh) on its own
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                raise BadView(f"view {command[1]} cannot be read: {reply}")
+        return replies
 
     async def _run(self, plan: Plan[T]) -> T:
         """Drive a plan: each yielded batch of commands is one round trip."""
