@@ -31,7 +31,7 @@ from uuid import UUID
 
 from pydantic import BaseModel, ConfigDict
 
-from cqrs.keys import ViewKeys
+from cqrs.keys import ViewKeys, register_layout
 
 if TYPE_CHECKING:  # verify hands contracts a psycopg connection; nothing here opens one
     import psycopg
@@ -107,6 +107,9 @@ class ViewContract:
 
     name: str
     keys: tuple[KeySpec, ...] = ()
+    # The class of its key builders: `ViewKeys` with the projection's own builders added,
+    # so `KeyMap.views(name, generation)` hands every caller this layout.
+    layout: type[ViewKeys] = ViewKeys
     model: type[BaseModel] | None = None
     view_key: ViewKeyRule | None = None
     applied: AppliedRule | None = None
@@ -140,6 +143,10 @@ class ViewContract:
             raise ContractError(
                 f"projection {self.name!r}: its key layout names no served view (KeySpec view=True)"
             )
+        if not (isinstance(self.layout, type) and issubclass(self.layout, ViewKeys)):
+            raise ContractError(f"projection {self.name!r}: layout must be a ViewKeys subclass")
+        if self.layout is not ViewKeys:
+            register_layout(self.name, self.layout)
 
     def read_view(self, data: dict[str, str], key: str) -> BaseModel:
         """The read model of a view's fields (raises ValidationError/ValueError)."""
@@ -289,7 +296,7 @@ def key_table(contracts: Mapping[str, ViewContract]) -> str:
         "|---|---|---|---|---|",
     ]
     for name, contract in contracts.items():
-        views = ViewKeys("<ns>", name, "<g>")  # type: ignore[arg-type]
+        views = contract.layout("<ns>", name, "<g>")  # type: ignore[arg-type]
         for spec in contract.keys:
             what = f"{spec.holds} (served view)" if spec.view else spec.holds
             lines.append(

@@ -12,6 +12,7 @@ its view contract, `cqrs.contracts`):
 from __future__ import annotations
 
 import hashlib
+from typing import Any
 from uuid import UUID
 
 
@@ -83,8 +84,10 @@ class KeyMap:
         """Pub/sub channel the projector publishes to after each batch (wakes waiters)."""
         return f"{self.ns}:applied"
 
-    def views(self, projection: str, generation: int) -> ViewKeys:
-        return ViewKeys(self.ns, projection, generation)
+    def views(self, projection: str, generation: int) -> Any:
+        """The keys of one generation of a projection's views, with the key builders of
+        its contract's layout (generic `ViewKeys` for a projection none registered)."""
+        return _LAYOUTS.get(projection, ViewKeys)(self.ns, projection, generation)
 
     def namespace_pattern(self) -> str:
         return f"{self.ns}:*"
@@ -112,53 +115,12 @@ class ViewKeys:
         an index and its bookkeeping share `tag` and so one slot."""
         return f"{self.prefix}:{kind}:{{{self.prefix}:{tag}}}"
 
-    # products
-    def product(self, product_id: UUID | str) -> str:
-        return f"{self.prefix}:product:{{{product_id}}}"
 
-    def product_names(self, product_id: UUID | str) -> str:
-        """Names of a product that may still be in the by-name index (crash-safe cleanup)."""
-        return f"{self.prefix}:product-names:{{{product_id}}}"
+# The key layout each registered view contract names (`ViewContract.layout`): a subclass
+# of ViewKeys with the projection's own key builders, registered when the contract is
+# built. The kernel keeps only the generic builders above.
+_LAYOUTS: dict[str, type[ViewKeys]] = {}
 
-    def product_prices(self, product_id: UUID | str) -> str:
-        return f"{self.prefix}:product-prices:{{{product_id}}}"
 
-    # The catalog indexes. Each shares a hash tag with a hash of the product version it
-    # last reflects per product (`*_versions`), so an index write can refuse to go back
-    # to an older version in one script call (a worker that stalled past its lease).
-    def products_by_name(self) -> str:
-        return f"{self.prefix}:products:by-name:{{{self.prefix}:by-name}}"
-
-    def products_by_name_versions(self) -> str:
-        return f"{self.prefix}:products:by-name-versions:{{{self.prefix}:by-name}}"
-
-    def products_by_price(self) -> str:
-        return f"{self.prefix}:products:by-price:{{{self.prefix}:by-price}}"
-
-    def products_by_price_versions(self) -> str:
-        return f"{self.prefix}:products:by-price-versions:{{{self.prefix}:by-price}}"
-
-    def top_products(self) -> str:
-        return f"{self.prefix}:products:top:{{{self.prefix}:top}}"
-
-    def top_products_versions(self) -> str:
-        return f"{self.prefix}:products:top-versions:{{{self.prefix}:top}}"
-
-    # customers
-    def customer(self, customer_id: UUID | str) -> str:
-        return f"{self.prefix}:customer:{{{customer_id}}}"
-
-    def customer_order_state(self, customer_id: UUID | str) -> str:
-        """Per-order applied version for the customer's counters (exactly-once)."""
-        return f"{self.prefix}:customer-orders-applied:{{{customer_id}}}"
-
-    # orders
-    def order(self, order_id: UUID | str) -> str:
-        return f"{self.prefix}:order:{{{order_id}}}"
-
-    def customer_orders(self, customer_id: UUID | str) -> str:
-        return f"{self.prefix}:customer-orders:{{{customer_id}}}"
-
-    def order_customer(self, customer_id: UUID | str) -> str:
-        """The orders projection's own copy of a customer's name, for fan-out on rename."""
-        return f"{self.prefix}:customer-name:{{{customer_id}}}"
+def register_layout(projection: str, layout: type[ViewKeys]) -> None:
+    _LAYOUTS[projection] = layout

@@ -21,13 +21,12 @@ from cqrs.events import (
     OrderPlaced,
     OrderShipped,
 )
-from cqrs.keys import ViewKeys
-from cqrs.projector.contracts.customers import CONTRACT
+from cqrs.projector.contracts.customers import CONTRACT, CustomerKeys
 from cqrs.projector.projection import Projection, cents
 from cqrs.projector.steps import NEED_GATE, NEED_TARGET, Step, apply
 
 
-def on_registered(event: EventHeader, p: CustomerRegistered, views: ViewKeys) -> list[Step]:
+def on_registered(event: EventHeader, p: CustomerRegistered, views: CustomerKeys) -> list[Step]:
     key = views.customer(event.aggregate_id)
     ops = [
         ("set", "id", str(event.aggregate_id)),
@@ -39,14 +38,14 @@ def on_registered(event: EventHeader, p: CustomerRegistered, views: ViewKeys) ->
     return [apply(key, key, "version", event.version, ops)]
 
 
-def on_renamed(event: EventHeader, p: CustomerRenamed, views: ViewKeys) -> list[Step]:
+def on_renamed(event: EventHeader, p: CustomerRenamed, views: CustomerKeys) -> list[Step]:
     key = views.customer(event.aggregate_id)
     ops = [("set", "name", p.name)]
     return [apply(key, key, "version", event.version, ops, needs=(NEED_GATE,))]
 
 
 def _order_step(
-    event: EventHeader, customer_id: object, views: ViewKeys, ops: list, *, placed: bool = False
+    event: EventHeader, customer_id: object, views: CustomerKeys, ops: list, *, placed: bool = False
 ) -> Step:
     """The counters of one order event on its customer's view: the customer view must
     exist, and every event but the placement needs the placement counted first."""
@@ -60,17 +59,17 @@ def _order_step(
     )
 
 
-def on_order_placed(event: EventHeader, p: OrderPlaced, views: ViewKeys) -> list[Step]:
+def on_order_placed(event: EventHeader, p: OrderPlaced, views: CustomerKeys) -> list[Step]:
     ops = [("incr", "order_count", 1), ("money", "lifetime_value", cents(p.total))]
     return [_order_step(event, p.customer_id, views, ops, placed=True)]
 
 
-def on_order_cancelled(event: EventHeader, p: OrderCancelled, views: ViewKeys) -> list[Step]:
+def on_order_cancelled(event: EventHeader, p: OrderCancelled, views: CustomerKeys) -> list[Step]:
     ops = [("incr", "order_count", -1), ("money", "lifetime_value", -cents(p.total))]
     return [_order_step(event, p.customer_id, views, ops)]
 
 
-def on_order_shipped(event: EventHeader, p: OrderShipped, views: ViewKeys) -> list[Step]:
+def on_order_shipped(event: EventHeader, p: OrderShipped, views: CustomerKeys) -> list[Step]:
     # Nothing to count, but the order's version must advance so its later events apply.
     return [_order_step(event, p.customer_id, views, [])]
 

@@ -28,10 +28,10 @@ from cqrs.events import (
     OrderPlaced,
     OrderShipped,
 )
-from cqrs.keys import ViewKeys
 from cqrs.projector.contracts.orders import (
     CONTRACT,
     LINE_ATTRIBUTES,  # noqa: F401 (re-exported: the line encoders' old home)
+    OrderKeys,
     line_field,
     order_member,
     order_member_id,
@@ -41,7 +41,7 @@ from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
 
 
 def _customer_name_changed(
-    event: EventEnvelope, name: str, views: ViewKeys, *, registers: bool = False
+    event: EventEnvelope, name: str, views: OrderKeys, *, registers: bool = False
 ) -> list[Step]:
     customer_id = event.aggregate_id
     key = views.order_customer(customer_id)
@@ -68,16 +68,16 @@ def _customer_name_changed(
 
 
 def on_customer_registered(
-    event: EventEnvelope, p: CustomerRegistered, views: ViewKeys
+    event: EventEnvelope, p: CustomerRegistered, views: OrderKeys
 ) -> list[Step]:
     return _customer_name_changed(event, p.name, views, registers=True)
 
 
-def on_customer_renamed(event: EventEnvelope, p: CustomerRenamed, views: ViewKeys) -> list[Step]:
+def on_customer_renamed(event: EventEnvelope, p: CustomerRenamed, views: OrderKeys) -> list[Step]:
     return _customer_name_changed(event, p.name, views)
 
 
-def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> list[Step]:
+def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: OrderKeys) -> list[Step]:
     order_key = views.order(event.aggregate_id)
     line_ops: list[tuple[str, str, Any]] = [("set", "line_count", len(p.lines))]
     for n, line in enumerate(p.lines, start=1):
@@ -118,13 +118,13 @@ def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: ViewKeys) -> li
     return [join]
 
 
-def on_order_cancelled(event: EventEnvelope, p: OrderCancelled, views: ViewKeys) -> list[Step]:
+def on_order_cancelled(event: EventEnvelope, p: OrderCancelled, views: OrderKeys) -> list[Step]:
     key = views.order(event.aggregate_id)
     ops = [("set", "status", "cancelled"), ("set", "cancelled_at", p.cancelled_at.isoformat())]
     return [apply(key, key, "version", event.version, ops, needs=(NEED_GATE,))]
 
 
-def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: ViewKeys) -> list[Step]:
+def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: OrderKeys) -> list[Step]:
     key = views.order(event.aggregate_id)
     ops = [("set", "status", "shipped"), ("set", "shipped_at", p.shipped_at.isoformat())]
     return [apply(key, key, "version", event.version, ops, needs=(NEED_GATE,))]

@@ -18,13 +18,13 @@ from cqrs.events import (
     StockReleased,
     StockReserved,
 )
-from cqrs.keys import ViewKeys
 from cqrs.projector.contracts.products import (
     CONTRACT,
     CREATES,
     REINDEX_NAME,
     REINDEX_PRICE,
     REINDEX_TOP,
+    ProductKeys,
     member_id,  # noqa: F401 (re-exported: the index encoders' old home)
     name_member,
     price_member,
@@ -33,7 +33,7 @@ from cqrs.projector.projection import Projection, cents
 from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
 
 
-def _steps(event: EventHeader, views: ViewKeys, ops: list[tuple[str, str, Any]]) -> list[Step]:
+def _steps(event: EventHeader, views: ProductKeys, ops: list[tuple[str, str, Any]]) -> list[Step]:
     """The gated write of `ops`, then the index upkeep of the fields this event type can
     change: the by-name index (REINDEX_NAME), by-price (REINDEX_PRICE), the units_sold
     score (REINDEX_TOP).
@@ -111,7 +111,7 @@ def _steps(event: EventHeader, views: ViewKeys, ops: list[tuple[str, str, Any]])
     return [apply(key, key, "version", version, ops, returns, then, needs=needs)]
 
 
-def on_created(event: EventHeader, p: ProductCreated, views: ViewKeys) -> list[Step]:
+def on_created(event: EventHeader, p: ProductCreated, views: ProductKeys) -> list[Step]:
     return _steps(
         event,
         views,
@@ -127,19 +127,19 @@ def on_created(event: EventHeader, p: ProductCreated, views: ViewKeys) -> list[S
     )
 
 
-def on_renamed(event: EventHeader, p: ProductRenamed, views: ViewKeys) -> list[Step]:
+def on_renamed(event: EventHeader, p: ProductRenamed, views: ProductKeys) -> list[Step]:
     return _steps(event, views, [("set", "name", p.name)])
 
 
-def on_repriced(event: EventHeader, p: ProductRepriced, views: ViewKeys) -> list[Step]:
+def on_repriced(event: EventHeader, p: ProductRepriced, views: ProductKeys) -> list[Step]:
     return _steps(event, views, [("set", "price", f"{p.price:.2f}")])
 
 
-def on_restocked(event: EventHeader, p: ProductRestocked, views: ViewKeys) -> list[Step]:
+def on_restocked(event: EventHeader, p: ProductRestocked, views: ProductKeys) -> list[Step]:
     return _steps(event, views, [("set", "stock", p.stock)])
 
 
-def on_reserved(event: EventHeader, p: StockReserved, views: ViewKeys) -> list[Step]:
+def on_reserved(event: EventHeader, p: StockReserved, views: ProductKeys) -> list[Step]:
     return _steps(
         event,
         views,
@@ -151,7 +151,7 @@ def on_reserved(event: EventHeader, p: StockReserved, views: ViewKeys) -> list[S
     )
 
 
-def on_released(event: EventHeader, p: StockReleased, views: ViewKeys) -> list[Step]:
+def on_released(event: EventHeader, p: StockReleased, views: ProductKeys) -> list[Step]:
     return _steps(
         event,
         views,

@@ -22,7 +22,6 @@ from rich.table import Table
 from cqrs.cli import load_settings, metrics_port_option, start_metrics_or_fail
 from cqrs.console import EXIT_USAGE, fail, out, print_json
 from cqrs.contracts import ContractError, registered_contracts
-from cqrs.keys import ViewKeys
 from cqrs.queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
 from cqrs.queries.models import Page
 from cqrs.queries.service import QueryService
@@ -270,7 +269,7 @@ def query_view(
         fail(f"unknown view {name!r} (registered: {', '.join(contracts)})", EXIT_USAGE)
     assert contract.view_key is not None  # a contract without one is refused when built
     try:
-        contract.view_key(ViewKeys("-", name, 1), key)  # checked before anything connects
+        contract.view_key(contract.layout("-", name, 1), key)  # checked before anything connects
     except ValueError:
         fail(f"invalid {name} key {key!r}: expected a {contract.key_help}", EXIT_USAGE)
     with service(after, timeout) as svc:

@@ -17,6 +17,17 @@ from cqrs.events import Money
 from cqrs.keys import ViewKeys
 
 
+class CustomerKeys(ViewKeys):
+    """The `customers` views' key layout: the customer hash and its per-order applied records."""
+
+    def customer(self, customer_id: UUID | str) -> str:
+        return f"{self.prefix}:customer:{{{customer_id}}}"
+
+    def customer_order_state(self, customer_id: UUID | str) -> str:
+        """Per-order applied version for the customer's counters (exactly-once)."""
+        return f"{self.prefix}:customer-orders-applied:{{{customer_id}}}"
+
+
 class CustomerView(ViewModel):
     id: UUID
     email: str
@@ -26,7 +37,7 @@ class CustomerView(ViewModel):
     version: int
 
 
-def applied(views: ViewKeys, aggregate_type: str, aggregate_id: UUID, partition: UUID) -> Any:
+def applied(views: CustomerKeys, aggregate_type: str, aggregate_id: UUID, partition: UUID) -> Any:
     """A customer's own version on its view; an order's version in the per-order record of
     its customer (the order's partition key is its customer's id)."""
     if aggregate_type == "customer":
@@ -36,7 +47,7 @@ def applied(views: ViewKeys, aggregate_type: str, aggregate_id: UUID, partition:
     return None
 
 
-def expect(conn: Any, customers: ViewKeys) -> dict[str, Expected]:
+def expect(conn: Any, customers: CustomerKeys) -> dict[str, Expected]:
     """Each customer with the count and value of their non-cancelled orders, and the
     per-order record: every order event is counted on the customer (placed, cancelled,
     shipped), so it holds the order's current version."""
@@ -76,6 +87,7 @@ def expect(conn: Any, customers: ViewKeys) -> dict[str, Expected]:
 
 CONTRACT = ViewContract(
     name="customers",
+    layout=CustomerKeys,
     description="one hash per customer with their order counters",
     keys=(
         KeySpec(

@@ -23,6 +23,22 @@ from cqrs.contracts import Expected, KeySpec, ViewContract, ViewModel, iso, mone
 from cqrs.events import Money
 from cqrs.keys import ViewKeys
 
+
+class OrderKeys(ViewKeys):
+    """The `orders` views' key layout: the order hash, a customer's order list, and the
+    orders projection's copy of a customer's name."""
+
+    def order(self, order_id: UUID | str) -> str:
+        return f"{self.prefix}:order:{{{order_id}}}"
+
+    def customer_orders(self, customer_id: UUID | str) -> str:
+        return f"{self.prefix}:customer-orders:{{{customer_id}}}"
+
+    def order_customer(self, customer_id: UUID | str) -> str:
+        """The orders projection's own copy of a customer's name, for fan-out on rename."""
+        return f"{self.prefix}:customer-name:{{{customer_id}}}"
+
+
 LINE_ATTRIBUTES = ("product_id", "name", "unit_price", "qty", "line_total")
 # More lines than any order can have (commands accept 100) means a corrupted count: it is
 # reported rather than turned into that many lookups.
@@ -85,7 +101,7 @@ def read_order(data: dict[str, str], _key: str) -> OrderView:
     return OrderView.model_validate({**data, "lines": lines})
 
 
-def applied(views: ViewKeys, aggregate_type: str, aggregate_id: UUID, _partition: UUID) -> Any:
+def applied(views: OrderKeys, aggregate_type: str, aggregate_id: UUID, _partition: UUID) -> Any:
     """An order's version on its view; a customer's version on this projection's copy of
     the customer's name (a rename reached the orders once that copy has it)."""
     if aggregate_type == "order":
@@ -95,7 +111,7 @@ def applied(views: ViewKeys, aggregate_type: str, aggregate_id: UUID, _partition
     return None
 
 
-def expect(conn: Any, orders: ViewKeys) -> dict[str, Expected]:
+def expect(conn: Any, orders: OrderKeys) -> dict[str, Expected]:
     """Each order with its customer's current name, the per-customer index and the
     projection's copy of every customer's name and version."""
     out: dict[str, Expected] = {}
@@ -145,6 +161,7 @@ def expect(conn: Any, orders: ViewKeys) -> dict[str, Expected]:
 
 CONTRACT = ViewContract(
     name="orders",
+    layout=OrderKeys,
     description="one hash per order, denormalized across the three services",
     keys=(
         KeySpec(

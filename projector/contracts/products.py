@@ -19,6 +19,43 @@ from cqrs.contracts import Expected, KeySpec, ViewContract, ViewModel, cents, mo
 from cqrs.events import Money
 from cqrs.keys import ViewKeys
 
+
+class ProductKeys(ViewKeys):
+    """The `products` views' key layout: the product hash, its index bookkeeping and
+    the catalog indexes."""
+
+    def product(self, product_id: UUID | str) -> str:
+        return f"{self.prefix}:product:{{{product_id}}}"
+
+    def product_names(self, product_id: UUID | str) -> str:
+        """Names of a product that may still be in the by-name index (crash-safe cleanup)."""
+        return f"{self.prefix}:product-names:{{{product_id}}}"
+
+    def product_prices(self, product_id: UUID | str) -> str:
+        return f"{self.prefix}:product-prices:{{{product_id}}}"
+
+    # The catalog indexes. Each shares a hash tag with a hash of the product version it
+    # last reflects per product (`*_versions`), so an index write can refuse to go back
+    # to an older version in one script call (a worker that stalled past its lease).
+    def products_by_name(self) -> str:
+        return f"{self.prefix}:products:by-name:{{{self.prefix}:by-name}}"
+
+    def products_by_name_versions(self) -> str:
+        return f"{self.prefix}:products:by-name-versions:{{{self.prefix}:by-name}}"
+
+    def products_by_price(self) -> str:
+        return f"{self.prefix}:products:by-price:{{{self.prefix}:by-price}}"
+
+    def products_by_price_versions(self) -> str:
+        return f"{self.prefix}:products:by-price-versions:{{{self.prefix}:by-price}}"
+
+    def top_products(self) -> str:
+        return f"{self.prefix}:products:top:{{{self.prefix}:top}}"
+
+    def top_products_versions(self) -> str:
+        return f"{self.prefix}:products:top-versions:{{{self.prefix}:top}}"
+
+
 NAME_SEPARATOR = "\x00"
 
 
@@ -55,7 +92,7 @@ REINDEX_TOP = frozenset({"ProductCreated", "StockReserved", "StockReleased"})
 CREATES = "ProductCreated"
 
 
-def applied(views: ViewKeys, aggregate_type: str, aggregate_id: UUID, _partition: UUID) -> Any:
+def applied(views: ProductKeys, aggregate_type: str, aggregate_id: UUID, _partition: UUID) -> Any:
     """Read-your-writes: a product's view records the last product version applied."""
     return (views.product(aggregate_id), "version") if aggregate_type == "product" else None
 
@@ -79,7 +116,7 @@ def _index_versions(conn: Any) -> dict[str, dict[str, str]]:
     return versions
 
 
-def expect(conn: Any, products: ViewKeys) -> dict[str, Expected]:
+def expect(conn: Any, products: ProductKeys) -> dict[str, Expected]:
     """Every product view, the indexes and their bookkeeping, from the catalog and the
     non-cancelled order lines (units sold, revenue) and the event log (index versions)."""
     sales = {
@@ -133,6 +170,7 @@ def expect(conn: Any, products: ViewKeys) -> dict[str, Expected]:
 _ID = "<id>"
 CONTRACT = ViewContract(
     name="products",
+    layout=ProductKeys,
     description="one hash per product plus the catalog indexes (by name, by price, top sellers)",
     keys=(
         KeySpec(
@@ -160,38 +198,38 @@ CONTRACT = ViewContract(
         KeySpec(
             "products:by-name",
             "zset (lex)",
-            ViewKeys.products_by_name,
+            ProductKeys.products_by_name,
             "the index",
             "`casefold(name) \\0 name \\0 id`",
         ),
         KeySpec(
             "products:by-name-versions",
             "hash",
-            ViewKeys.products_by_name_versions,
+            ProductKeys.products_by_name_versions,
             "the index",
             "id -> version of the event the index entry is from",
         ),
         KeySpec(
             "products:by-price",
             "zset (lex)",
-            ViewKeys.products_by_price,
+            ProductKeys.products_by_price,
             "the index",
             "`cents (15 digits) \\0 id`",
         ),
         KeySpec(
             "products:by-price-versions",
             "hash",
-            ViewKeys.products_by_price_versions,
+            ProductKeys.products_by_price_versions,
             "the index",
             "id -> version, as for by-name",
         ),
         KeySpec(
-            "products:top", "zset", ViewKeys.top_products, "the index", "id scored by units_sold"
+            "products:top", "zset", ProductKeys.top_products, "the index", "id scored by units_sold"
         ),
         KeySpec(
             "products:top-versions",
             "hash",
-            ViewKeys.top_products_versions,
+            ProductKeys.top_products_versions,
             "the index",
             "id -> version, as for by-name",
         ),

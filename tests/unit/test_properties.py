@@ -461,14 +461,18 @@ def test_the_keys_a_handler_touches_depend_only_on_uuids(
             by_text.append(keys)
         assert by_text[0] == by_text[1], projection.name
         # The catalog indexes and their version records: fixed names, tagged by the index.
-        indexes = {
-            views.products_by_name(),
-            views.products_by_name_versions(),
-            views.products_by_price(),
-            views.products_by_price_versions(),
-            views.top_products(),
-            views.top_products_versions(),
-        }
+        indexes = (
+            {
+                views.products_by_name(),
+                views.products_by_name_versions(),
+                views.products_by_price(),
+                views.products_by_price_versions(),
+                views.top_products(),
+                views.top_products_versions(),
+            }
+            if projection.name == "products"  # its layout alone has the catalog indexes
+            else set()
+        )
         for key in by_text[0]:
             assert key.startswith(views.prefix + ":"), key
             rest = key[len(views.prefix) + 1 :]
