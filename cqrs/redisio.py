@@ -299,12 +299,18 @@ def cluster_round_trip(client: Any, commands: list[tuple[Any, ...]]) -> list[Any
                     elif isinstance(reply, _REDIRECTS):
                         todo.append(i)
             todo.sort()
-        if failure is not None and todo:
-            raise RedisConnectionError(
-                f"Redis Cluster: {len(todo)} command(s) failed after {CLUSTER_ATTEMPTS} "
-                f"tries: {failure}"
-            ) from failure
+        _give_up_if(todo, failure)
     return replies
+
+
+def _give_up_if(todo: list[int], failure: BaseException | None) -> None:
+    """Commands still to do after the last try because nodes failed: redis-py's
+    ConnectionError, which the callers' back-off treats like any unreachable Redis."""
+    if failure is not None and todo:
+        raise RedisConnectionError(
+            f"Redis Cluster: {len(todo)} command(s) failed after {CLUSTER_ATTEMPTS} "
+            f"tries: {failure}"
+        ) from failure
 
 
 class _NodeCache:
@@ -477,11 +483,7 @@ async def cluster_round_trip_async(
                     if isinstance(reply, _REDIRECTS):  # ASK included: asked again whole
                         todo.append(i)
             todo.sort()
-        if failure is not None and todo:
-            raise RedisConnectionError(
-                f"Redis Cluster: {len(todo)} command(s) failed after {CLUSTER_ATTEMPTS} "
-                f"tries: {failure}"
-            ) from failure
+        _give_up_if(todo, failure)
     return replies
 
 

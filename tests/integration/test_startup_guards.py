@@ -244,57 +244,38 @@ def test_refuses_to_start_on_an_evicting_redis_unless_allowed(
         assert allowed.returncode == 0, procs.log_of(allowed)
 
 
-def test_running_relay_says_so_when_the_policy_changes(settings: Settings, tmp_path: Path) -> None:
+@pytest.mark.parametrize("command", ["relay", "project"])
+def test_a_running_process_says_so_when_the_policy_changes(
+    settings: Settings, tmp_path: Path, command: str
+) -> None:
     with fleet(tmp_path) as procs:
         _proc, url = start_redis(procs, tmp_path, "--maxmemory-policy", "noeviction")
         env = settings_env(settings)
         env.update(CQRS_REDIS_URL=url, CQRS_EVICTION_CHECK_SECONDS="0.2")
-        relay = procs.cqrs("relay", "relay", env=env)
-        wait_until(lambda: "relay: active" in procs.log_of(relay), timeout=30, what="active")
-        client = redis.Redis.from_url(url, decode_responses=True)
-        client.config_set("maxmemory-policy", "allkeys-lfu")
-        wait_until(
-            lambda: "Redis may now evict our keys" in procs.log_of(relay),
-            timeout=30,
-            what="the error about the new policy",
-        )
-        client.config_set("maxmemory-policy", "noeviction")
-        wait_until(
-            lambda: "no longer evicts" in procs.log_of(relay), timeout=30, what="the all-clear"
-        )
-        client.close()
-        log = procs.log_of(relay)
-        assert log.count("Redis may now evict our keys") == 1, log
-        assert "allkeys-lfu" in log
-        procs.stop(relay)
-        assert relay.returncode == 0, procs.log_of(relay)
-
-
-def test_running_worker_says_so_when_the_policy_changes(settings: Settings, tmp_path: Path) -> None:
-    with fleet(tmp_path) as procs:
-        _proc, url = start_redis(procs, tmp_path, "--maxmemory-policy", "noeviction")
-        env = settings_env(settings)
-        env.update(CQRS_REDIS_URL=url, CQRS_EVICTION_CHECK_SECONDS="0.2")
-        worker = procs.cqrs("worker", "project", env=env)
+        proc = procs.cqrs(command, command, env=env)
         client = redis.Redis.from_url(url, decode_responses=True)
         keys = KeyMap(settings.namespace)
+        running = {
+            "relay": lambda: "relay: active" in procs.log_of(proc),
+            "project": lambda: client.zcard(keys.workers("products")) > 0,  # a heartbeat
+        }[command]
+        wait_until(running, timeout=30, what=f"{command} running")
+        client.config_set("maxmemory-policy", "allkeys-lfu")
         wait_until(
-            lambda: client.zcard(keys.workers("products")) > 0, timeout=30, what="a heartbeat"
-        )
-        client.config_set("maxmemory-policy", "allkeys-lru")
-        wait_until(
-            lambda: "Redis may now evict our keys" in procs.log_of(worker),
+            lambda: "Redis may now evict our keys" in procs.log_of(proc),
             timeout=30,
             what="the error about the new policy",
         )
         client.config_set("maxmemory-policy", "noeviction")
         wait_until(
-            lambda: "no longer evicts" in procs.log_of(worker), timeout=30, what="the all-clear"
+            lambda: "no longer evicts" in procs.log_of(proc), timeout=30, what="the all-clear"
         )
         client.close()
-        assert procs.log_of(worker).count("Redis may now evict our keys") == 1
-        procs.stop(worker)
-        assert worker.returncode == 0, procs.log_of(worker)
+        log = procs.log_of(proc)
+        assert log.count("Redis may now evict our keys") == 1, log
+        assert "allkeys-lfu" in log
+        procs.stop(proc)
+        assert proc.returncode == 0, procs.log_of(proc)
 
 
 def test_eviction_watch_for_a_worker_loop(tmp_path: Path) -> None:
