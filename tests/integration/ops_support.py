@@ -61,14 +61,17 @@ def start_redis(
     *extra: str,
     url_auth: str = "",
     tls: tuple[Path, Path] | None = None,
+    port: int | None = None,
 ) -> tuple[Proc, str]:
-    """A private Redis on a free loopback port, persistence off, plus `extra` options;
-    returns (process, URL with `url_auth` as `user:password@` part). With `tls`
-    (certificate, key) it listens only for TLS and the URL is `rediss://`. Waits until it
-    answers a PING through that URL."""
+    """A private Redis on a free loopback port (or exactly `port`, e.g. the one processes
+    are already waiting for), persistence off, plus `extra` options; returns (process,
+    URL with `url_auth` as `user:password@` part). With `tls` (certificate, key) it
+    listens only for TLS and the URL is `rediss://`. Waits until it answers a PING
+    through that URL."""
     binary = redis_server_binary()
-    for _attempt in range(3):
-        port = free_port()
+    fixed = port
+    for _attempt in range(1 if fixed else 3):
+        port = fixed or free_port()
         workdir = tmp / f"redis-{port}"
         workdir.mkdir()
         listen = ["--port", str(port)]

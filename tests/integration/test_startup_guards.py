@@ -10,7 +10,6 @@ shared Redis's configuration is never touched.
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -30,34 +29,11 @@ from cqrs.startup import EvictionWatch, check_eviction_policy
 from cqrs.wiring import Wiring
 from tests.conftest import settings_env
 from tests.helpers import free_port, wait_applied, wait_until
-from tests.integration.ops_support import redis_server_binary, start_redis
+from tests.integration.ops_support import start_redis
 from tests.integration.projector_support import run
-from tests.procs import Fleet, Proc, fleet
+from tests.procs import Proc, fleet
 
 WAIT_LINE = "waiting for Redis at"
-
-
-def _start_redis_on(procs: Fleet, tmp: Path, port: int, *extra: str) -> str:
-    """A private redis-server on exactly `port` (the one the processes are waiting for)."""
-    workdir = tmp / f"redis-{port}"
-    workdir.mkdir()
-    argv = [redis_server_binary(), "--port", str(port), "--bind", "127.0.0.1", "--save", ""]
-    argv += ["--appendonly", "no", "--dir", str(workdir), *extra]
-    proc = procs.start(f"redis-{port}", argv, dict(os.environ))
-    url = f"redis://127.0.0.1:{port}/0"
-
-    def answers() -> bool:
-        assert proc.poll() is None, procs.log_of(proc)
-        client = redis.Redis.from_url(url, socket_connect_timeout=1)
-        try:
-            return bool(client.ping())
-        except redis.ConnectionError:
-            return False
-        finally:
-            client.close()
-
-    wait_until(answers, timeout=20, what=f"redis-server on {port}")
-    return url
 
 
 def _retries(log: str, what: str) -> int:
@@ -100,7 +76,7 @@ def test_relay_and_worker_wait_for_redis_then_proceed(
         product = run(
             wiring, CreateProduct(sku=f"S-{uuid.uuid4().hex[:6]}", name="Lamp", price="9.50")
         )
-        url = _start_redis_on(procs, tmp_path, port)
+        url = start_redis(procs, tmp_path, port=port)[1]
         client = redis.Redis.from_url(url, decode_responses=True)
         service = QueryService(client, KeyMap(settings.namespace), partitions=settings.partitions)
 
