@@ -275,16 +275,19 @@ def check_cluster(client: Any) -> list[Check]:
         if ":" in line
     )
     shards = node.execute_command("CLUSTER", "SHARDS")
-    masters, bare = 0, 0
+    masters, bare, replicas = 0, 0, 0
     for shard in shards:
         nodes = shard["nodes"] if isinstance(shard, dict) else []
-        live = [n for n in nodes if n.get("health") == "online"]
-        if any(n.get("role") == "master" for n in live):
+        # A replica whose replication offset is still 0 says "loading" (a fresh cluster
+        # before its first write): it is there and linked, so it counts; a failed one not.
+        live = [n for n in nodes if n.get("health") in ("online", "loading")]
+        if any(n.get("role") == "master" and n.get("health") == "online" for n in live):
             masters += 1
-            bare += not any(n.get("role") == "replica" for n in live)
+            shard_replicas = sum(1 for n in live if n.get("role") == "replica")
+            replicas += shard_replicas
+            bare += not shard_replicas
     covered = int(info.get("cluster_slots_ok", "0").strip() or 0)
     state = info.get("cluster_state", "?").strip()
-    replicas = len(client.get_replicas())
     summary = (
         f"{masters} master(s), {replicas} replica(s), {covered} of 16384 slots covered, "
         f"cluster_state:{state}"

@@ -57,6 +57,11 @@ class LocalCluster:
     home: Path
     binary: str
     nodes: list[Node] = field(default_factory=list)
+    # Extra `redis-server` arguments of every node (TLS, passwords, ACL users), kept so a
+    # restarted node comes back the same; and what the launcher's own clients need to
+    # talk to such nodes (kept in memory only: it may hold a password).
+    server_args: list[str] = field(default_factory=list)
+    client_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
     @property
     def url(self) -> str:
@@ -64,7 +69,9 @@ class LocalCluster:
         return self.nodes[0].url
 
     def client(self, port: int) -> redis.Redis:
-        return redis.Redis(host=HOST, port=port, decode_responses=True, socket_timeout=5)
+        return redis.Redis(
+            host=HOST, port=port, decode_responses=True, socket_timeout=5, **self.client_options
+        )
 
     def alive(self) -> list[Node]:
         return [n for n in self.nodes if _pid_alive(n.pid)]
@@ -76,7 +83,11 @@ class LocalCluster:
         raise ClusterError(f"no node of this cluster listens on {port}")
 
     def save(self) -> None:
-        data = {"binary": self.binary, "nodes": [asdict(n) for n in self.nodes]}
+        data = {
+            "binary": self.binary,
+            "nodes": [asdict(n) for n in self.nodes],
+            "server_args": self.server_args,
+        }
         path = self.home / STATE_FILE
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(data, indent=2))
@@ -149,7 +160,14 @@ def _is_our_server(pid: int, port: int) -> bool:
     return f":{port}" in text or str(port) in text.split()
 
 
-def _spawn(binary: str, data: Path, port: int, bus_port: int, node_timeout_ms: int) -> int:
+def _spawn(
+    binary: str,
+    data: Path,
+    port: int,
+    bus_port: int,
+    node_timeout_ms: int,
+    extra: list[str] | None = None,
+) -> int:
     data.mkdir(parents=True, exist_ok=True)
     args = [
         binary,
@@ -165,6 +183,9 @@ def _spawn(binary: str, data: Path, port: int, bus_port: int, node_timeout_ms: i
         "--protected-mode", "yes",
         "--logfile", str(data / "server.log"),
         "--daemonize", "no",
+        # Later arguments win ("--port 0 --tls-port {port}": TLS only); `{port}` is this
+        # node's port.
+        *(arg.replace("{port}", str(port)) for arg in extra or []),
     ]  # fmt: skip
     proc = subprocess.Popen(
         args,
@@ -201,11 +222,15 @@ def start(
     replicas: int = 1,
     node_timeout_ms: int = 2000,
     timeout: float = 60.0,
+    server_args: list[str] | None = None,
+    client_options: dict[str, Any] | None = None,
 ) -> LocalCluster:
     """Start and form a new cluster of `masters` masters with `replicas` replicas each.
 
     `node_timeout_ms` is short (2 s, Redis's default is 15 s) so a killed master is failed
-    over within seconds in tests; production clusters set their own."""
+    over within seconds in tests; production clusters set their own. `server_args` go to
+    every node (the tests' TLS and ACL cluster), `client_options` to the launcher's own
+    clients (e.g. `ssl`, `password`)."""
     if masters < 3:
         raise ClusterError("a Redis Cluster needs at least 3 masters to fail over")
     home = Path(home) / "cluster"
@@ -214,13 +239,18 @@ def start(
     count = masters * (1 + replicas)
     deadline = time.monotonic() + timeout
     ports = _free_ports(2 * count)
-    cluster = LocalCluster(home=home, binary=binary)
+    cluster = LocalCluster(
+        home=home,
+        binary=binary,
+        server_args=list(server_args or []),
+        client_options=dict(client_options or {}),
+    )
     try:
         for i in range(count):
             port, bus = ports[2 * i], ports[2 * i + 1]
             data = home / f"node-{port}"
             shutil.rmtree(data, ignore_errors=True)  # a stale nodes.conf names old peers
-            pid = _spawn(binary, data, port, bus, node_timeout_ms)
+            pid = _spawn(binary, data, port, bus, node_timeout_ms, cluster.server_args)
             role = "master" if i < masters else "replica"
             cluster.nodes.append(Node(port=port, bus_port=bus, pid=pid, role=role))
         cluster.save()
@@ -292,7 +322,12 @@ def load(home: Path) -> LocalCluster | None:
     if not path.exists():
         return None
     data = json.loads(path.read_text())
-    return LocalCluster(home=home, binary=data["binary"], nodes=[Node(**n) for n in data["nodes"]])
+    return LocalCluster(
+        home=home,
+        binary=data["binary"],
+        nodes=[Node(**n) for n in data["nodes"]],
+        server_args=list(data.get("server_args", [])),
+    )
 
 
 def healthy(cluster: LocalCluster) -> bool:
@@ -342,7 +377,9 @@ def restart_node(cluster: LocalCluster, node: Node, *, node_timeout_ms: int = 20
     if _pid_alive(node.pid):
         raise ClusterError(f"node {node.port} still runs (pid {node.pid})")
     data = cluster.home / f"node-{node.port}"
-    node.pid = _spawn(cluster.binary, data, node.port, node.bus_port, node_timeout_ms)
+    node.pid = _spawn(
+        cluster.binary, data, node.port, node.bus_port, node_timeout_ms, cluster.server_args
+    )
     cluster.save()
     return node
 
