@@ -18,6 +18,7 @@ from typing import Any
 import psycopg
 import redis
 
+from cqrs.redisio import is_cluster_client
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url, mask_url
 from cqrs.wiring import Wiring, make_engine, make_redis
@@ -36,6 +37,21 @@ WRITE_SIDE_TABLES = (
     "events.outbox, events.event_log, catalog.products, customers.customers,"
     " orders.order_lines, orders.orders, bench.items, bench.log"
 )
+
+
+def delete_namespace(client: redis.Redis, namespace: str) -> int:
+    """Unlink every key of `namespace` (on every master of a cluster: redis-py's cluster
+    client scans them all and splits UNLINK by slot)."""
+    removed = 0
+    batch: list[str] = []
+    for key in client.scan_iter(match=f"{namespace}:*", count=2000):
+        batch.append(key)
+        if len(batch) >= 1000:
+            removed += client.unlink(*batch)
+            batch.clear()
+    if batch:
+        removed += client.unlink(*batch)
+    return removed
 
 
 def with_database(url: str, name: str) -> str:
@@ -132,16 +148,7 @@ class BenchBackend:
             conn.execute(f"TRUNCATE {WRITE_SIDE_TABLES} RESTART IDENTITY CASCADE")
 
     def delete_namespace(self, namespace: str) -> int:
-        removed = 0
-        batch: list[str] = []
-        for key in self.redis.scan_iter(match=f"{namespace}:*", count=2000):
-            batch.append(key)
-            if len(batch) >= 1000:
-                removed += self.redis.unlink(*batch)
-                batch.clear()
-        if batch:
-            removed += self.redis.unlink(*batch)
-        return removed
+        return delete_namespace(self.redis, namespace)
 
     # --- facts for the report ------------------------------------------------------------
 
@@ -152,10 +159,18 @@ class BenchBackend:
             sync = conn.execute("SHOW synchronous_commit").fetchone()[0]
             fsync = conn.execute("SHOW fsync").fetchone()[0]
         listpack = self.redis.config_get("hash-max-listpack-*")
+        cluster: dict[str, int] | None = None
+        if is_cluster_client(self.redis):
+            nodes: Any = self.redis
+            cluster = {
+                "masters": len(nodes.get_primaries()),
+                "replicas": len(nodes.get_replicas()),
+            }
         return {
             "redis_version": info.get("redis_version"),
             "valkey_version": info.get("valkey_version"),
             "redis_hash_max_listpack": listpack,
+            "redis_cluster": cluster,
             "postgresql_version": pg_version,
             "postgresql_synchronous_commit": sync,
             "postgresql_fsync": fsync,

@@ -20,6 +20,7 @@ from typing import Any
 
 import redis
 
+from bench.ceilings import Pipes
 from cqrs.streams import parse_entry_id
 
 _CTX = mp.get_context("spawn")
@@ -33,11 +34,11 @@ class Timed:
 
 def groups_done(client: redis.Redis, streams: list[str], groups: list[str]) -> bool:
     """Every group on every stream has delivered the last entry and has nothing pending."""
-    pipe = client.pipeline(transaction=False)
+    pipes = Pipes(client)
     for stream in streams:
-        pipe.xinfo_groups(stream)
-        pipe.xinfo_stream(stream)
-    results = pipe.execute(raise_on_error=False)
+        pipes.on(stream).xinfo_groups(stream)
+        pipes.on(stream).xinfo_stream(stream)
+    results = pipes.execute(raise_on_error=False)
     for i in range(len(streams)):
         infos, stream_info = results[2 * i], results[2 * i + 1]
         if isinstance(stream_info, Exception):
@@ -53,16 +54,16 @@ def groups_done(client: redis.Redis, streams: list[str], groups: list[str]) -> b
 
 def reset_groups(client: redis.Redis, streams: list[str], groups: list[str]) -> None:
     """Fresh consumer groups at the start of every stream."""
-    pipe = client.pipeline(transaction=False)
+    pipes = Pipes(client)
     for stream in streams:
         for group in groups:
-            pipe.xgroup_destroy(stream, group)
-    pipe.execute(raise_on_error=False)
-    pipe = client.pipeline(transaction=False)
+            pipes.on(stream).xgroup_destroy(stream, group)
+    pipes.execute(raise_on_error=False)
+    pipes = Pipes(client)
     for stream in streams:
         for group in groups:
-            pipe.xgroup_create(stream, group, id="0", mkstream=True)
-    pipe.execute()
+            pipes.on(stream).xgroup_create(stream, group, id="0", mkstream=True)
+    pipes.execute()
 
 
 def _child(index: int, commands: Any, results: Any, go: Any, stop: Any, inbox: Any) -> None:

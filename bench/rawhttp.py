@@ -14,13 +14,15 @@ from typing import Any
 
 import redis
 
+from bench.ceilings import raw_client
+
 _client: redis.Redis | None = None
 
 
 def _redis() -> redis.Redis:
     global _client
     if _client is None:
-        _client = redis.Redis.from_url(os.environ["BENCH_RAW_REDIS_URL"], decode_responses=True)
+        _client = raw_client(os.environ["BENCH_RAW_REDIS_URL"])  # RedisCluster on a cluster
     return _client
 
 

@@ -25,8 +25,6 @@ import time
 import uuid
 from typing import Any
 
-import redis
-
 from bench import ceilings
 from bench.procs import ConsumerPool, groups_done
 from bench.scenarios import Context
@@ -39,6 +37,7 @@ from cqrs.contracts import registered_contracts
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
+from cqrs.redisio import Subscription
 from cqrs.relay.outbox import Relay
 from cqrs.settings import Settings
 from cqrs.tuning import tune_gc
@@ -63,9 +62,9 @@ def relay_round(settings_values: dict[str, Any], **kw: Any) -> dict[str, Any]:
 def observer_round(redis_url: str, namespace: str, **kw: Any) -> dict[str, Any]:
     """Wait on `<ns>:applied`; on each notification (or new write to watch) check every
     outstanding write's marks in one pipeline; note when each is fully visible."""
-    client = redis.Redis.from_url(redis_url, decode_responses=True)
-    pubsub = client.pubsub(ignore_subscribe_messages=True)
-    pubsub.subscribe(KeyMap(namespace).applied_channel())
+    client = ceilings.raw_client(redis_url)
+    # Sharded on a cluster, as the projector publishes there.
+    pubsub = Subscription(client, KeyMap(namespace).applied_channel())
     inbox, stop = kw["inbox"], kw["stop"]
     outstanding: dict[int, list[tuple[str, str, int]]] = {}
     visible: dict[int, float] = {}
@@ -85,11 +84,11 @@ def observer_round(redis_url: str, namespace: str, **kw: Any) -> dict[str, Any]:
             notified = True
         if not outstanding or not (fresh or notified):
             continue
-        pipe = client.pipeline(transaction=False)
+        pipes = ceilings.Pipes(client)
         flat = [(seq, m) for seq, marks in outstanding.items() for m in marks]
         for _seq, (key, field, _version) in flat:
-            pipe.hget(key, field)
-        got = pipe.execute()
+            pipes.on(key).hget(key, field)
+        got = pipes.execute()
         now = time.perf_counter()
         behind = {
             seq

@@ -26,6 +26,7 @@ from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.replay import unlink_pattern
 from cqrs.projector.state import ProjectionState, write_state
+from cqrs.redisio import publish
 from cqrs.settings import Settings
 from cqrs.tuning import tune_gc
 from cqrs.wiring import make_redis
@@ -110,7 +111,7 @@ def measure(
                     client,
                     streams,
                     list(PROJECTIONS),
-                    tick=lambda: client.publish(keys.relay_wakeup_channel(), 1),
+                    tick=lambda: publish(client, keys.relay_wakeup_channel(), 1),
                 )
             failed = sum(r["failed"] for r in timed.reports)
             if failed:
