@@ -189,6 +189,8 @@ class Worker:
                 ("EXISTS", self.keys.replay_lock(projection.name)),
                 ("GET", self.keys.generation(projection.name)),
             ]
+        # Last: the partition count, which `cqrs repartition` changes (`_apply_status`).
+        commands.append(("HGET", self.keys.meta(), "partitions"))
         return commands
 
     def _apply_status(self, results: list[Any]) -> None:
@@ -227,6 +229,18 @@ class Worker:
                 self.views[name] = self.keys.views(name, int(state["generation"]))
                 if served is None and not replaying:
                     self._restore_generation_key(name, state["generation"])
+        stored = results[-1]
+        if stored is not None and int(stored) != self.partitions:
+            # `cqrs repartition` replaced the streams: leave every slot (this read's
+            # entries stay unapplied) and take slots of the new streams from now on.
+            log.warning(
+                "the partition count changed from %d to %s: following it",
+                self.partitions,
+                stored,
+                extra={**self._log},
+            )
+            self.partitions = int(stored)
+            self.active.clear()
         for key, slot in list(self.owned.items()):
             if slot.projection.name not in self.active:
                 self._release(slot)
@@ -412,7 +426,7 @@ class Worker:
             commands.append(self._xreadgroup(slot))
             plan.append((slot, "new"))
         results = round_trip(self.redis, commands)
-        n_status = _STATUS_COMMANDS * len(self.projections)
+        n_status = _STATUS_COMMANDS * len(self.projections) + 1  # + the partition count
         # The status comes in the same round trip: entries of a projection that is no
         # longer active (paused for a switch, to be rebuilt) are left pending, unapplied;
         # whoever holds the slot next claims them (a slot is taken over "recovering").

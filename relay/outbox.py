@@ -137,6 +137,14 @@ class Relay:
             self._partitions = stream_partitions(self.redis, self.keys, self.settings.partitions)
         return self._partitions
 
+    def forget_partitions(self) -> None:
+        """Read the partition count again at the next pass: `cqrs repartition` may have
+        changed it. It does so holding the leader lock, with the passes fenced off, and
+        every pass reads the count after its claim (cqrs.app.repartition says why that
+        is enough): a leader forgets it when it takes the lock, a drain at every pass."""
+        self._partitions = None
+        self._streams.clear()
+
     def publish_batch(self, conn: psycopg.Connection, limit: int | None = None) -> int:
         """One pass: publish up to `limit` visible unpublished events; returns how many."""
         limit = limit or self.settings.relay_batch_size
@@ -218,7 +226,10 @@ class Relay:
         total = 0
         with self._connect() as conn:
             self.mark_origin(conn)
-            while not (stop is not None and stop.is_set()) and (n := self.publish_batch(conn)):
+            while not (stop is not None and stop.is_set()):
+                self.forget_partitions()  # a drain holds no leader lock
+                if not (n := self.publish_batch(conn)):
+                    break
                 total += n
         self.trim_streams(force=True)
         return total
@@ -295,6 +306,7 @@ class Relay:
         else:
             return
         log.info("relay: active")
+        self.forget_partitions()
         self.mark_origin(conn)
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         while not stop.is_set():
