@@ -162,9 +162,10 @@ class BenchBackend:
         cluster: dict[str, int] | None = None
         if is_cluster_client(self.redis):
             nodes: Any = self.redis
+            links = nodes.info("replication", target_nodes=nodes.PRIMARIES)
             cluster = {
                 "masters": len(nodes.get_primaries()),
-                "replicas": len(nodes.get_replicas()),
+                "replicas": sum(int(i.get("connected_slaves", 0)) for i in links.values()),
             }
         return {
             "redis_version": info.get("redis_version"),

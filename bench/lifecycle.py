@@ -53,7 +53,7 @@ def interrupt_on_signals(signals: Sequence[int] = STOP_SIGNALS) -> Iterator[None
 
     def handler(signum: int, frame: FrameType | None) -> None:
         if fired:
-            print("[soak] still cleaning up; please wait", file=sys.stderr, flush=True)
+            print("still cleaning up; please wait", file=sys.stderr, flush=True)
             return
         fired.append(signum)
         raise Interrupted(signum)

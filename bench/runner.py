@@ -2,6 +2,10 @@
 
 Usage: python -m bench [SCENARIO ...] [--quick] [--repeat N] [--json PATH]
 
+`cluster` runs only when named (it starts servers of its own). A SIGTERM or SIGINT
+unwinds the run like an error (bench.lifecycle), so servers a scenario started are
+stopped and the scratch database is dropped.
+
 Each scenario measures the project and the raw ceiling for the same work in the same
 run; the table shows medians with [min-max] over the repetitions and the ratio of the
 medians. Nothing fails on time: a missed target is printed as MISSED, never raised.
@@ -14,13 +18,15 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
 from bench.backend import BenchBackend
-from bench.scenarios import ALIASES, SCENARIOS, Context, runner
+from bench.lifecycle import Interrupted, interrupt_on_signals
+from bench.scenarios import ALIASES, OPT_IN, SCENARIOS, Context, runner
 from bench.stats import Row, table
 
 
@@ -49,7 +55,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         description="Benchmarks: the project against the raw ceiling, same run, same work.",
     )
     parser.add_argument(
-        "scenarios", nargs="*", metavar="SCENARIO", help=f"any of {', '.join(SCENARIOS)}"
+        "scenarios",
+        nargs="*",
+        metavar="SCENARIO",
+        help=f"any of {', '.join(SCENARIOS + OPT_IN)} (default: all but {', '.join(OPT_IN)})",
     )
     parser.add_argument("--quick", action="store_true", help="small sizes (under a minute)")
     parser.add_argument(
@@ -61,10 +70,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--json", type=Path, metavar="PATH", help="write results as JSON")
     args = parser.parse_args(argv)
     chosen = [ALIASES.get(s, s) for s in args.scenarios] or list(SCENARIOS)
-    unknown = [s for s in chosen if s not in SCENARIOS]
+    unknown = [s for s in chosen if s not in SCENARIOS + OPT_IN]
     if unknown:
-        parser.error(f"unknown scenario {unknown[0]!r} (known: {', '.join(SCENARIOS)})")
-    args.scenarios = [s for s in SCENARIOS if s in chosen]
+        known = ", ".join(SCENARIOS + OPT_IN)
+        parser.error(f"unknown scenario {unknown[0]!r} (known: {known})")
+    args.scenarios = [s for s in SCENARIOS + OPT_IN if s in chosen]
     if args.repeat is None:
         args.repeat = 1 if args.quick else 3
     args.repeat = max(1, args.repeat)
@@ -73,6 +83,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if threading.current_thread() is not threading.main_thread():
+        return run(args, argv)  # signal handlers can only be set in the main thread
+    try:
+        with interrupt_on_signals():
+            return run(args, argv)
+    except Interrupted as stop:
+        print(f"bench: {stop}; servers stopped, scratch database dropped", file=sys.stderr)
+        return stop.exit_code
+
+
+def run(args: argparse.Namespace, argv: list[str] | None) -> int:
     started = time.monotonic()
     rows: list[Row] = []
     failed: dict[str, str] = {}

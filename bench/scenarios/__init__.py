@@ -12,6 +12,8 @@ from bench.backend import BenchBackend
 from bench.stats import Row
 
 SCENARIOS = ("commands", "relay", "projection", "e2e", "queries", "rebuild", "memory")
+# Run only when named: `cluster` starts a Redis Cluster of its own (bench.scenarios.cluster).
+OPT_IN = ("cluster",)
 ALIASES = {"end-to-end": "e2e", "end_to_end": "e2e", "query": "queries", "replay": "rebuild"}
 
 
