@@ -20,6 +20,7 @@ import typer
 
 from cqrs.app.demo import demo_command
 from cqrs.app.doctor import doctor_command
+from cqrs.app.repartition import repartition_command
 from cqrs.app.run import run_command
 from cqrs.app.status import status_command
 from cqrs.cli import load_settings, unreachable_message
@@ -226,6 +227,7 @@ app.command("run")(run_command)
 app.command("demo")(demo_command)
 app.command("doctor")(doctor_command)
 app.command("status")(status_command)
+app.command("repartition")(repartition_command)
 
 
 def install_hooks() -> None:

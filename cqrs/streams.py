@@ -8,12 +8,37 @@ import redis
 
 from cqrs.keys import KeyMap
 
+# `<ns>:meta` fields: the partition count, and the target count of a `cqrs repartition`
+# that began to switch the streams and has not rebuilt every projection yet.
+PARTITIONS = "partitions"
+REPARTITION = "repartition"
+# The most partitions CQRS_PARTITIONS and `cqrs repartition` accept.
+MAX_PARTITIONS = 1024
+
 
 def stream_partitions(client: redis.Redis, keys: KeyMap, default: int) -> int:
     """The partition count is fixed by the first process that touches the streams:
-    changing it later would move aggregates between streams and break their order."""
-    client.hsetnx(keys.meta(), "partitions", default)
-    return int(client.hget(keys.meta(), "partitions") or default)
+    changing it under running readers and writers would move aggregates between streams
+    and break their order. Only `cqrs repartition` changes it, by replacing the streams
+    (docs/scaling.md); long-running processes re-read it (the relay whenever it becomes
+    the leader, workers with every status read)."""
+    client.hsetnx(keys.meta(), PARTITIONS, default)
+    return int(client.hget(keys.meta(), PARTITIONS) or default)
+
+
+def stored_partitions(client: redis.Redis, keys: KeyMap) -> int | None:
+    """The stored count, without storing one: None before any process touched the
+    streams (or after Redis lost its data)."""
+    value = client.hget(keys.meta(), PARTITIONS)
+    return int(value) if value else None
+
+
+def unfinished_repartition(client: redis.Redis, keys: KeyMap) -> int | None:
+    """The target count of a `cqrs repartition` that was interrupted after it began to
+    switch the streams (None: none). The namespace works meanwhile (workers rebuild the
+    projections it left without views); running it again finishes the job."""
+    value = client.hget(keys.meta(), REPARTITION)
+    return int(value) if value else None
 
 
 def parse_entry_id(entry_id: str | bytes) -> tuple[int, int]:

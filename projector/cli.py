@@ -5,7 +5,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Literal
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Literal
 
 import typer
 
@@ -28,6 +29,9 @@ from cqrs.signals import install_stop_handlers
 from cqrs.startup import prepare_or_exit
 from cqrs.tuning import tune_gc
 from cqrs.wiring import Wiring
+
+if TYPE_CHECKING:
+    from cqrs.projector.replay import Progress, ReplayResult
 
 dlq_app = typer.Typer(
     help="Dead letters: events a projection could not apply.", no_args_is_help=True
@@ -288,16 +292,6 @@ def replay_command(
     serving, then switch atomically (see docs/operations.md)."""
     import sys
 
-    from rich.progress import (
-        BarColumn,
-        MofNCompleteColumn,
-        Progress,
-        TaskProgressColumn,
-        TextColumn,
-        TimeElapsedColumn,
-        TimeRemainingColumn,
-    )
-
     from cqrs.projector.replay import Replayer, ReplayError, ReplayInterrupted
 
     if all_ == bool(projections):
@@ -318,56 +312,73 @@ def replay_command(
     try:
         for projection in chosen:
             replayer = Replayer(wiring.redis, wiring.settings, projection, wiring.database_url)
-            show = out.is_terminal and not json_output
-            with Progress(
-                TextColumn(f"{projection.name}"),
-                BarColumn(),
-                MofNCompleteColumn(),
-                TaskProgressColumn(),
-                TextColumn("{task.fields[rate]} ev/s"),
-                TimeElapsedColumn(),
-                TimeRemainingColumn(),
-                console=out,
-                disable=not show,
-            ) as progress:
-                task = progress.add_task(projection.name, total=None, rate="-")
-                started = time.monotonic()
-                known = [0]  # the log's size once known; the streams part reports no total
-
-                def report(
-                    done: int,
-                    total: int,
-                    task: int = task,
-                    started: float = started,
-                    known: list[int] = known,
-                ) -> None:
-                    known[0] = total or known[0]
-                    rate = done / max(time.monotonic() - started, 1e-6)
-                    # Events committed after the log's snapshot arrive through the streams:
-                    # the total grows with them, it is never exceeded.
-                    whole = max(known[0], done) if known[0] else None
-                    progress.update(task, completed=done, total=whole, rate=f"{rate:,.0f}")
-
-                try:
-                    result = replayer.run(source, progress=report, stop=stop)
-                except ReplayInterrupted:
-                    fail(
-                        f"replay of {projection.name} interrupted; the live views are untouched",
-                        130,
-                    )
-                except ReplayError as exc:
-                    fail(str(exc))
+            try:
+                result = with_progress(
+                    projection.name,
+                    lambda report, r=replayer: r.run(source, progress=report, stop=stop),
+                    show=not json_output,
+                )
+            except ReplayInterrupted:
+                fail(f"replay of {projection.name} interrupted; the live views are untouched", 130)
+            except ReplayError as exc:
+                fail(str(exc))
             summaries.append(result.as_json())
             if not json_output:
-                out.print(
-                    f"{projection.name}: {result.events} events from the {result.source} in "
-                    f"{result.seconds:.1f}s ({result.events_per_second:,.0f}/s), "
-                    f"generation {result.old_generation} -> {result.new_generation}"
-                )
+                print_replay(result)
     finally:
         wiring.close()
     if json_output:
         print_json({"replays": summaries})
+
+
+def with_progress(
+    name: str, run: Callable[[Progress], ReplayResult], *, show: bool
+) -> ReplayResult:
+    """`run(report)`, a replay of projection `name`, with a progress bar on a terminal
+    (`cqrs replay`, `cqrs repartition`)."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        TaskProgressColumn,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+    from rich.progress import Progress as Bar
+
+    with Bar(
+        TextColumn(name),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TaskProgressColumn(),
+        TextColumn("{task.fields[rate]} ev/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=out,
+        disable=not (show and out.is_terminal),
+    ) as bar:
+        task = bar.add_task(name, total=None, rate="-")
+        started = time.monotonic()
+        known = 0  # the log's size once known; the streams part reports no total
+
+        def report(done: int, total: int) -> None:
+            nonlocal known
+            known = total or known
+            rate = done / max(time.monotonic() - started, 1e-6)
+            # Events committed after the log's snapshot arrive through the streams: the
+            # total grows with them, it is never exceeded.
+            whole = max(known, done) if known else None
+            bar.update(task, completed=done, total=whole, rate=f"{rate:,.0f}")
+
+        return run(report)
+
+
+def print_replay(result: ReplayResult) -> None:
+    out.print(
+        f"{result.projection}: {result.events} events from the {result.source} in "
+        f"{result.seconds:.1f}s ({result.events_per_second:,.0f}/s), "
+        f"generation {result.old_generation} -> {result.new_generation}"
+    )
 
 
 def register(app: typer.Typer) -> None:

@@ -183,6 +183,7 @@ class Replayer:
         database_url: str | None,
         *,
         batch_size: int = 1000,
+        replay_id: str | None = None,
     ) -> None:
         self.redis = client
         self.settings = settings
@@ -191,7 +192,10 @@ class Replayer:
         self.projection = projection
         self.database_url = database_url
         self.batch_size = batch_size
-        self.replay_id = uuid.uuid4().hex
+        # Who holds the lock. A caller that took the lock itself under this id (`cqrs
+        # repartition` holds every projection's lock from before its switch of the streams
+        # until that projection is rebuilt) passes it: the replay then runs under it.
+        self.replay_id = replay_id or uuid.uuid4().hex
         self.lock_ms = max(settings.projector_lease_ms * 3, settings.replay_lock_ms)
         self.paused = False
         self.dead_lettered = 0
@@ -416,9 +420,10 @@ class Replayer:
         name = self.projection.name
         progress = progress or (lambda _done, _total: None)
         started = time.monotonic()
-        if not self.redis.set(
+        taken = self.redis.set(
             self.keys.replay_lock(name), self.replay_id, nx=True, px=self.lock_ms
-        ):
+        )
+        if not taken and not self._holds_lock():
             raise ReplayError(f"a replay of {name} is already running; try again when it is done")
         keeper = _Keeper(self)
         keeper.start()
