@@ -22,7 +22,12 @@ from cqrs.keys import KeyMap
 from cqrs.redisio import is_cluster_client
 from cqrs.settings import Settings
 from cqrs.startup import judge_eviction_policy
-from cqrs.streams import parse_entry_id, partition_groups
+from cqrs.streams import (
+    parse_entry_id,
+    partition_groups,
+    stored_partitions,
+    unfinished_repartition,
+)
 from cqrs.urls import mask_url
 from cqrs.wiring import Wiring, make_engine
 
@@ -173,16 +178,28 @@ def check_streams(client: redis.Redis, keys: KeyMap, settings: Settings) -> list
     from cqrs.projector.registry import PROJECTIONS  # names only; doctor imports no worker code
 
     checks: list[Check] = []
-    stored = client.hget(keys.meta(), "partitions")
-    partitions = int(stored or settings.partitions)
-    if stored and int(stored) != settings.partitions:
+    stored = stored_partitions(client, keys)
+    partitions = stored or settings.partitions
+    unfinished = unfinished_repartition(client, keys)
+    if unfinished is not None:
         checks.append(
             Check(
                 "partitions",
                 WARNING,
-                f"CQRS_PARTITIONS={settings.partitions} but the streams were created with "
-                f"{stored}; the stored value is used (changing it would re-map aggregates)",
-                f"set CQRS_PARTITIONS={stored}",
+                f"a repartition to {unfinished} partitions did not finish: workers rebuild "
+                "from the log the views it had not rebuilt yet (the old ones serve meanwhile)",
+                f"cqrs repartition {unfinished} --yes (finishes it)",
+            )
+        )
+    elif stored and stored != settings.partitions:
+        checks.append(
+            Check(
+                "partitions",
+                WARNING,
+                f"CQRS_PARTITIONS={settings.partitions} but the streams have {stored} "
+                "partitions; the stored count is used",
+                f"set CQRS_PARTITIONS={stored}, or change the count with "
+                f"`cqrs repartition {settings.partitions}` (docs/scaling.md)",
             )
         )
     retention = settings.stream_retention
