@@ -83,6 +83,13 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds the relay waits between passes when no commit woke it",
     )
+    relay_audit_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often the active relay compares what each partition stream "
+        "holds with what PostgreSQL says it published, and re-publishes from the log "
+        "what Redis lost (also when it takes over and after every reconnect)",
+    )
 
     projector_batch_size: int = Field(
         default=500, ge=1, le=10_000, description="stream entries a worker reads per batch"
@@ -110,6 +117,13 @@ class Settings(BaseSettings):
         default=5,
         ge=1,
         description="deliveries of a failing entry before it becomes a dead letter",
+    )
+    projector_failover_check_seconds: float = Field(
+        default=5.0,
+        gt=0,
+        description="how often a worker asks the Redis masters for their replication ids; "
+        "a new one (failover, restart without persistence) rebuilds the views from the "
+        "log (also checked at start and after every reconnect)",
     )
     # Allocations between young-generation garbage collections in a worker process (0:
     # leave the interpreter's default of 700). A batch allocates and frees tens of
