@@ -89,6 +89,29 @@ class OutboxRow(Base):
     )
 
 
+class RelayMark(Base):
+    """The highest log position the relay published per partition stream (migration 2)."""
+
+    __tablename__ = "relay_marks"
+    __table_args__ = {"schema": "events"}
+
+    namespace: Mapped[str] = mapped_column(String(64), primary_key=True)
+    partitions: Mapped[int] = mapped_column(Integer, primary_key=True)
+    partition: Mapped[int] = mapped_column(Integer, primary_key=True)
+    position: Mapped[int] = mapped_column(BigInteger)
+
+
+class RedisReplid(Base):
+    """Redis masters' replication ids the projector has seen (migration 2)."""
+
+    __tablename__ = "redis_replids"
+    __table_args__ = {"schema": "events"}
+
+    namespace: Mapped[str] = mapped_column(String(64), primary_key=True)
+    replid: Mapped[str] = mapped_column(String(64), primary_key=True)
+    seen_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), server_default=func.now())
+
+
 class Product(Base):
     __tablename__ = "products"
     __table_args__ = (

@@ -105,6 +105,37 @@ MIGRATIONS: list[tuple[int, str, list[str]]] = [
             """,
         ],
     ),
+    (
+        2,
+        "what the relay published per partition; Redis masters' replication histories",
+        [
+            # Per namespace and partition count (a repartition starts afresh), the highest
+            # log position the relay published to each partition stream, written in the
+            # transaction that deletes the outbox rows. Redis keeps the same mark next to
+            # the stream; a Redis mark below this one means Redis lost entries
+            # (cqrs.relay.outbox).
+            """
+            CREATE TABLE events.relay_marks (
+                namespace VARCHAR(64) NOT NULL,
+                partitions INTEGER NOT NULL,
+                partition INTEGER NOT NULL,
+                position BIGINT NOT NULL,
+                CONSTRAINT pk_relay_marks PRIMARY KEY (namespace, partitions, partition)
+            )
+            """,
+            # The Redis masters' replication ids (`master_replid`) the projector has seen
+            # for a namespace: a new one is a failover or a restart without persistence,
+            # after which the views are rebuilt (cqrs.projector.repair).
+            """
+            CREATE TABLE events.redis_replids (
+                namespace VARCHAR(64) NOT NULL,
+                replid VARCHAR(64) NOT NULL,
+                seen_at TIMESTAMPTZ NOT NULL DEFAULT now(),
+                CONSTRAINT pk_redis_replids PRIMARY KEY (namespace, replid)
+            )
+            """,
+        ],
+    ),
 ]
 
 LATEST_VERSION = MIGRATIONS[-1][0]

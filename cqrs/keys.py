@@ -43,6 +43,13 @@ class KeyMap:
     def relay_wakeup_channel(self) -> str:
         return f"{self.ns}:relay"
 
+    def relay_mark(self, partition: int) -> str:
+        """Hash: partition count -> the highest event-log position the relay appended to
+        the partition's stream. Tagged like the stream, so the script that appends writes
+        it in the same step and a replica receives both or neither; compared with the
+        mark PostgreSQL keeps (`events.relay_marks`) to find entries a failover lost."""
+        return f"{self.ns}:relayed:{{p{partition}}}"
+
     # --- projector -------------------------------------------------------------------
     def dead_letters(self, projection: str) -> str:
         return f"{self.ns}:dlq:{{{projection}}}"
@@ -79,6 +86,12 @@ class KeyMap:
     def projection_pattern(self, projection: str) -> str:
         """Every view key of every generation of a projection."""
         return f"{self.ns}:{projection}:g*"
+
+    def repair(self, projection: str) -> str:
+        """Set when a Redis master's data history changed (failover, restart without
+        persistence): the projection's views may miss acknowledged updates and are
+        rebuilt from the log; the value says which change, so only that rebuild clears it."""
+        return f"{self.ns}:repair:{projection}"
 
     def applied_channel(self) -> str:
         """Pub/sub channel the projector publishes to after each batch (wakes waiters)."""

@@ -108,6 +108,19 @@ class Metrics:
             ["component"],
             registry=r,
         )
+        self.events_rerelayed = Counter(
+            "cqrs_events_rerelayed",
+            "Events published again from the log because Redis lost their stream entries "
+            "(a failover)",
+            registry=r,
+        )
+        self.view_repairs = Counter(
+            "cqrs_view_repairs",
+            "Projections rebuilt from the log because a Redis master's data history changed "
+            "(a failover, a restart without persistence)",
+            ["projection"],
+            registry=r,
+        )
         self._sources: list[GaugeSource] = []
         r.register(_ScrapeCollector(self._sources))
         self._relay_batches = self.batch_seconds.labels("relay")
@@ -140,6 +153,12 @@ class Metrics:
 
     def reconnected(self, component: str) -> None:
         self.reconnects.labels(component).inc()
+
+    def rerelayed(self, count: int) -> None:
+        self.events_rerelayed.inc(count)
+
+    def repaired(self, projection: str) -> None:
+        self.view_repairs.labels(projection).inc()
 
     # --- serving -----------------------------------------------------------------------
 

@@ -25,6 +25,33 @@ At least once: the XADDs happen before the DELETE commits. A relay killed in bet
 failed XADD, which rolls the transaction back) leaves the outbox rows in place, and the next
 pass publishes those events again; the copies carry the same event id and version, and
 projections drop them (they apply version n only once).
+
+Entries Redis lost (a failover)
+-------------------------------
+Redis replicates asynchronously: a master can acknowledge XADDs and die before its replica
+has them, and the promoted replica then lacks the stream's last entries, whose outbox rows
+are long deleted. PostgreSQL is the truth, so each pass records, per partition, the highest
+log position it published twice: next to the stream (`KeyMap.relay_mark`, written by the
+script that appends, so a replica gets the entries and the mark together or neither), and
+in `events.relay_marks`, in the transaction that deletes the outbox rows (so it is never
+ahead of Redis unless Redis lost something). A pass hands each stream's script the mark
+PostgreSQL holds for it; a stream whose own mark is lower appends nothing and answers with
+its mark ("behind"): the pass rolls back, the relay re-publishes from the log that
+partition's events with positions between the two marks (`_republish`, in position order,
+through the same script, so the mark climbs with them), and the pass runs again. So a lost
+tail is always re-published before any newer event of the partition, and per-aggregate
+order holds. An audit (`audit`: when the relay becomes the leader, hence after every
+reconnect, and every `relay_audit_seconds`) compares all marks the same way, for streams
+no new event touches. A stream with no mark at all while PostgreSQL has one lost
+everything (its master restarted empty, or a replica that never had it was promoted): its
+whole history is not re-published (it may be the whole log); the mark is set to
+PostgreSQL's and the views are rebuilt from the log by the projector, which sees the
+master's new replication id (`cqrs.projector.repair`). Either way the streams no longer
+hold a complete history, so `origin` becomes `partial` (replays read the log).
+
+One blind spot, covered by that rebuild: the marks are maxima, so an event that committed
+out of position order (a slow transaction, published after higher positions) and was lost
+with a mark that survived is not seen here.
 """
 
 from __future__ import annotations
@@ -70,23 +97,59 @@ _CLAIM_BATCH = f"""
 """
 
 # XADDs every event of a pass that maps to one partition stream, in position order, in one
-# call. ARGV: each event's field values in `STREAM_FIELDS` order; the entries are exactly
-# those `XADD <stream> * <field> <value> ...` would write. Why a script: a redis-py pipeline
+# call, and raises the stream's relay mark to the highest position among them (KEYS: the
+# stream, its mark; the mark is a hash field per partition count). ARGV: the partition
+# count, the mark PostgreSQL holds for the stream (0: check nothing), the highest position,
+# then each event's field values in `STREAM_FIELDS` order; the entries are exactly those
+# `XADD <stream> * <field> <value> ...` would write. A stream whose mark is below
+# PostgreSQL's lost entries (module docstring): nothing is appended and the answer is
+# `{mark}` (-1: no mark), not a count. Why a script: a redis-py pipeline
 # spends more Python per XADD (packing each command, parsing each reply) than the rest of a
 # pass; one call per stream packs far less per event for a little more Redis CPU than a
 # plain XADD (figures: docs/benchmarks.md, "Costs the code's comments rely on"). It keeps
 # the pass's writes in one packed round trip (`Relay._publish`), touches one key
 # (Redis-Cluster-safe), and needs nothing new from Redis: the projector already runs scripts.
 _XADD_EVENTS_LUA = (
+    "local mark = redis.call('HGET', KEYS[2], ARGV[1])\n"
+    "if tonumber(ARGV[2]) > 0 then\n"
+    "  if not mark then return {-1} end\n"
+    "  if tonumber(mark) < tonumber(ARGV[2]) then return {tonumber(mark)} end\n"
+    "end\n"
     "local n = 0\n"
-    f"for i = 1, #ARGV, {len(STREAM_FIELDS)} do\n"
+    f"for i = 4, #ARGV, {len(STREAM_FIELDS)} do\n"
     "  redis.call('XADD', KEYS[1], '*', "
     + ", ".join(f"'{name}', ARGV[i + {j}]" for j, name in enumerate(STREAM_FIELDS))
     + ")\n"
     "  n = n + 1\n"
     "end\n"
+    "if not mark or tonumber(mark) < tonumber(ARGV[3]) then\n"
+    "  redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])\n"
+    "end\n"
     "return n\n"
 )
+# The marks PostgreSQL holds (module docstring), read in the pass's claim round trip, and
+# raised in the transaction that deletes the outbox rows (partitions in order, so two
+# passes never lock them in opposite orders).
+_READ_MARKS = (
+    "SELECT partition, position FROM events.relay_marks WHERE namespace = %s AND partitions = %s"
+)
+_READ_ALL_MARKS = (
+    "SELECT partitions, partition, position FROM events.relay_marks WHERE namespace = %s"
+)
+_RAISE_MARKS = """
+    INSERT INTO events.relay_marks (namespace, partitions, partition, position)
+    SELECT %s, %s, p, pos FROM unnest(%s::int[], %s::bigint[]) AS t(p, pos)
+    ON CONFLICT (namespace, partitions, partition)
+    DO UPDATE SET position = greatest(events.relay_marks.position, excluded.position)
+"""
+# A page of the log for `_republish`: events after a position, up to another.
+_LOG_PAGE = f"""
+    SELECT e.position, {STREAM_FIELDS_SQL} FROM events.event_log e
+    WHERE e.position > %s AND e.position <= %s ORDER BY e.position LIMIT %s
+"""
+# Passes in a row that may find a stream behind (and re-publish) before one gives up and
+# leaves its rows to the next pass: another loss during the repair, nothing more.
+_BEHIND_ATTEMPTS = 3
 # Partition keys whose stream key is remembered; cleared when full (a relay sees the same
 # customers and products again and again; a hash and a UUID parse saved per event).
 _STREAM_CACHE_SIZE = 100_000
@@ -102,6 +165,18 @@ class RelayMetrics(Protocol):
 
     def reconnected(self, component: str) -> None: ...
 
+    def rerelayed(self, count: int) -> None: ...
+
+
+class StreamsBehind(Exception):
+    """Streams whose relay mark is below PostgreSQL's (Redis lost entries): command index
+    in the pass -> the stream's mark (-1: none). Raised inside the pass's transaction, so
+    it rolls back and deletes no outbox row."""
+
+    def __init__(self, marks: dict[int, int]) -> None:
+        super().__init__(f"{len(marks)} stream(s) behind PostgreSQL's relay marks")
+        self.marks = marks
+
 
 class Relay:
     def __init__(self, database_url: str, client: redis.Redis, settings: Settings) -> None:
@@ -110,9 +185,11 @@ class Relay:
         self.settings = settings
         self.keys = KeyMap(settings.namespace)
         self._partitions: int | None = None
-        self._streams: dict[str, str] = {}  # partition key (text) -> stream key
+        self._streams: dict[str, int] = {}  # partition key (text) -> partition
         self._last_trim = 0.0
+        self._next_audit = 0.0
         self.published = 0
+        self.republished = 0  # events published again because Redis lost them
         self.metrics: RelayMetrics | None = None  # instrumentation; None = metrics off
         # Start-up refused an evicting Redis; this says so loudly if the policy changes
         # while we run (checked between passes, at most every eviction_check_seconds).
@@ -145,24 +222,57 @@ class Relay:
         self._partitions = None
         self._streams.clear()
 
-    def publish_batch(self, conn: psycopg.Connection, limit: int | None = None) -> int:
-        """One pass: publish up to `limit` visible unpublished events; returns how many."""
-        limit = limit or self.settings.relay_batch_size
+    def publish_batch(
+        self, conn: psycopg.Connection, limit: int | None = None, *, repair: bool = True
+    ) -> int:
+        """One pass: publish up to `limit` visible unpublished events; returns how many.
+
+        A stream found behind (module docstring) rolls the pass back; with `repair` its
+        lost entries are re-published from the log and the pass runs again (a bounded
+        number of times), without (the commands' publish-after-commit) the rows are left
+        to the relay and 0 is returned."""
+        for _attempt in range(_BEHIND_ATTEMPTS):
+            try:
+                return self._pass(conn, limit or self.settings.relay_batch_size)
+            except StreamsBehind as behind:
+                if not repair:
+                    return 0
+                self._republish(conn, behind.marks)
+        log.warning("relay: streams keep losing entries while being repaired; retrying later")
+        return 0
+
+    def _pass(self, conn: psycopg.Connection, limit: int) -> int:
         started = time.perf_counter()
         with conn.transaction():
-            rows = conn.execute(_CLAIM_BATCH, (limit,), binary=True).fetchall()
+            # The claim and the marks in one round trip; the marks of every partition count
+            # (a handful of rows), as the count is read only after the claim (see
+            # `forget_partitions`).
+            with conn.pipeline():
+                claimed = conn.execute(_CLAIM_BATCH, (limit,), binary=True)
+                held = conn.execute(_READ_ALL_MARKS, (self.keys.ns,))
+            rows = claimed.fetchall()
             if not rows:
                 return 0
             rows.sort(key=itemgetter(0))
-            commands: list[tuple[Any, ...]] = [
-                ("EVAL", _XADD_EVENTS_LUA, 1, stream, *values)
-                for stream, values in self._values_by_stream(rows).items()
+            count = self.partitions
+            marks = {p: position for n, p, position in held.fetchall() if n == count}
+            grouped = self._values_by_partition(rows)
+            commands = [
+                self._append(p, marks.get(p, 0), highest, values)
+                for p, (highest, values) in grouped.items()
             ]
             # Wakes idle projector workers (they also poll, so a lost message only delays).
             commands.append(
                 publish_command(self.redis, self.keys.relay_wakeup_channel(), len(rows))
             )
-            self._publish(commands)
+            try:
+                self._publish(commands)
+            except StreamsBehind as behind:
+                by_index = list(grouped)
+                raise StreamsBehind({by_index[i]: m for i, m in behind.marks.items()}) from None
+            order = sorted(grouped)
+            highest = [grouped[p][0] for p in order]
+            conn.execute(_RAISE_MARKS, (self.keys.ns, self.partitions, order, highest))
         self.published += len(rows)
         seconds = time.perf_counter() - started
         if self.metrics is not None:
@@ -179,14 +289,30 @@ class Relay:
     def _publish(self, commands: list[tuple[Any, ...]]) -> None:
         """A pass's writes to Redis in one packed round trip (`cqrs.redisio` says why:
         redis-py's `Pipeline` adds Python per command to every event's latency). Any
-        error reply raises, so the pass rolls back and deletes nothing. Also the seam
-        where tests hold a pass between claiming its rows and publishing them."""
-        for reply in round_trip(self.redis, commands):
+        error reply raises, and so does a stream behind (`StreamsBehind`, by command
+        index), so the pass rolls back and deletes nothing. Also the seam where tests
+        hold a pass between claiming its rows and publishing them."""
+        behind: dict[int, int] = {}
+        for i, reply in enumerate(round_trip(self.redis, commands)):
             if isinstance(reply, Exception):
                 raise reply
+            if isinstance(reply, list):
+                behind[i] = int(reply[0])
+        if behind:
+            raise StreamsBehind(behind)
 
-    def _values_by_stream(self, rows: list[tuple[Any, ...]]) -> dict[str, list[str]]:
-        """The claimed rows' field values, grouped by partition stream, in position order.
+    def _append(
+        self, partition: int, expected: int, highest: int, values: list[str]
+    ) -> tuple[Any, ...]:
+        """The script call that appends events to a partition stream and raises its mark
+        to `highest`, unless the mark is below `expected` (0: no check)."""
+        stream, mark = self.keys.stream(partition), self.keys.relay_mark(partition)
+        return ("EVAL", _XADD_EVENTS_LUA, 2, stream, mark, self.partitions, expected, highest,
+                *values)  # fmt: skip
+
+    def _values_by_partition(self, rows: list[tuple[Any, ...]]) -> dict[int, tuple[int, list[str]]]:
+        """The claimed rows' field values, grouped by partition, in position order, with
+        the highest position of each partition's (the last one).
 
         Each row is (position, *STREAM_FIELDS values), all text but `occurred_at`, which is
         formatted here with `datetime.isoformat()` exactly as `EventEnvelope` formats it
@@ -195,19 +321,114 @@ class Relay:
         streams = self._streams
         if len(streams) > _STREAM_CACHE_SIZE:
             streams.clear()
-        by_stream: dict[str, list[str]] = {}
+        values_of: dict[int, list[str]] = {}
+        highest: dict[int, int] = {}
         for row in rows:
             pkey = row[_PARTITION_KEY]
-            stream = streams.get(pkey)
-            if stream is None:
-                stream = streams[pkey] = self.keys.stream(partition_of(UUID(pkey), self.partitions))
-            values = by_stream.get(stream)
+            partition = streams.get(pkey)
+            if partition is None:
+                partition = streams[pkey] = partition_of(UUID(pkey), self.partitions)
+            values = values_of.get(partition)
             if values is None:
-                values = by_stream[stream] = []
+                values = values_of[partition] = []
             values += row[1:_OCCURRED_AT]
             values.append(row[_OCCURRED_AT].isoformat())
             values += row[_OCCURRED_AT + 1 :]
-        return by_stream
+            highest[partition] = row[0]
+        return {p: (highest[p], values) for p, values in values_of.items()}
+
+    # --- entries Redis lost (module docstring) -----------------------------------------
+
+    def audit(self, conn: psycopg.Connection) -> int:
+        """Compare every partition's relay mark in Redis with PostgreSQL's and repair the
+        streams that are behind; returns the events re-published. PostgreSQL is read
+        first: a pass committing in between raises both marks, Redis's first, so a
+        stream is never taken for behind when it is not."""
+        self._next_audit = time.monotonic() + self.settings.relay_audit_seconds
+        count = self.partitions
+        marks = dict(conn.execute(_READ_MARKS, (self.keys.ns, count)).fetchall())
+        if not marks:
+            return 0
+        order = sorted(marks)
+        replies = round_trip(self.redis, [("HGET", self.keys.relay_mark(p), count) for p in order])
+        behind: dict[int, int] = {}
+        for partition, reply in zip(order, replies, strict=True):
+            if isinstance(reply, Exception):
+                raise reply
+            mark = -1 if reply is None else int(reply)
+            if mark < marks[partition]:
+                behind[partition] = mark
+        return self._republish(conn, behind) if behind else 0
+
+    def _republish(self, conn: psycopg.Connection, behind: dict[int, int]) -> int:
+        """Re-publish from the log what streams behind lost: for each partition (-> its
+        Redis mark) the events after that mark up to the one PostgreSQL holds, in position
+        order, a page at a time, through the pass's script (so each page raises the mark
+        and a relay stopped halfway resumes from there). A stream with no mark gets
+        PostgreSQL's, and nothing re-published (module docstring). Returns the count."""
+        count = self.partitions
+        held = dict(conn.execute(_READ_MARKS, (self.keys.ns, count)).fetchall())
+        ranges = {p: (m, held[p]) for p, m in behind.items() if m >= 0 and m < held.get(p, 0)}
+        empty = sorted(p for p, m in behind.items() if m < 0 and held.get(p, 0) > 0)
+        commands: list[tuple[Any, ...]] = [
+            ("HSET", self.keys.relay_mark(p), count, held[p]) for p in empty
+        ]
+        if ranges or empty:
+            # The streams no longer hold the whole history in order: replays read the log.
+            commands.append(("HSET", self.keys.meta(), "origin", "partial"))
+        for reply in round_trip(self.redis, commands) if commands else []:
+            if isinstance(reply, Exception):
+                raise reply
+        if empty:
+            log.warning(
+                "relay: partition stream(s) %s hold no relay mark while PostgreSQL says "
+                "events up to position %d were published to them: Redis lost everything "
+                "they held (a master restarted empty, or a replica that never had them was "
+                "promoted); not re-publishing their history, the projector rebuilds the "
+                "views from the log",
+                ", ".join(map(str, empty)),
+                max(held[p] for p in empty),
+                extra={"partitions": empty},
+            )
+        total = 0
+        if ranges:
+            cursor, last = min(m for m, _ in ranges.values()), max(e for _, e in ranges.values())
+            batch = self.settings.relay_batch_size
+            while cursor < last:
+                rows = conn.execute(_LOG_PAGE, (cursor, last, batch), binary=True).fetchall()
+                if not rows:
+                    break
+                cursor = rows[-1][0]
+                lost = [
+                    row
+                    for row in rows
+                    if (p := self._partition_of(row[_PARTITION_KEY])) in ranges
+                    and ranges[p][0] < row[0] <= ranges[p][1]
+                ]
+                grouped = self._values_by_partition(lost)
+                appends = [self._append(p, 0, h, v) for p, (h, v) in grouped.items()]
+                for reply in round_trip(self.redis, appends) if appends else []:
+                    if isinstance(reply, Exception):
+                        raise reply
+                total += len(lost)
+            self.redis.hincrby(self.keys.meta(), "republished", total)
+            self.republished += total
+            if self.metrics is not None:
+                self.metrics.rerelayed(total)
+            log.warning(
+                "relay: partition stream(s) %s lost entries in Redis (a failover?): "
+                "re-published %d event(s) from the log",
+                ", ".join(f"{p} (after position {m}, up to {e})" for p, (m, e) in ranges.items()),
+                total,
+                extra={"partitions": sorted(ranges), "events": total},
+            )
+        return total
+
+    def _partition_of(self, pkey: str) -> int:
+        partition = self._streams.get(pkey)
+        if partition is None:
+            partition = self._streams[pkey] = partition_of(UUID(pkey), self.partitions)
+        return partition
 
     def mark_origin(self, conn: psycopg.Connection) -> None:
         """Record once whether the streams start at the beginning of history (nothing was
@@ -226,6 +447,7 @@ class Relay:
         total = 0
         with self._connect() as conn:
             self.mark_origin(conn)
+            self.audit(conn)
             while not (stop is not None and stop.is_set()):
                 self.forget_partitions()  # a drain holds no leader lock
                 if not (n := self.publish_batch(conn)):
@@ -308,9 +530,14 @@ class Relay:
         log.info("relay: active")
         self.forget_partitions()
         self.mark_origin(conn)
+        # A new leader, or the same one back from a lost connection (a failover among
+        # them): what did Redis lose meanwhile? Then every relay_audit_seconds.
+        self.audit(conn)
         conn.execute(f"LISTEN {NOTIFY_CHANNEL}")
         while not stop.is_set():
             n = self.publish_batch(conn)
+            if time.monotonic() >= self._next_audit:
+                self.audit(conn)
             self.trim_streams()
             self.eviction_watch.poll()
             if n < self.settings.relay_batch_size:
@@ -338,4 +565,6 @@ def publish_pending(database_url: str, client: redis.Redis, settings: Settings) 
     it through `cqrs.hooks`); the running relay remains the safety net."""
     relay = Relay(database_url, client, settings)
     with relay._connect() as conn:
-        return relay.publish_batch(conn)
+        # A stream found behind is the running relay's to repair (a re-publication may be
+        # long; a command should not wait for it): the rows stay for it.
+        return relay.publish_batch(conn, repair=False)
