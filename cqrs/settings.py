@@ -171,6 +171,21 @@ class Settings(BaseSettings):
         "before 503 busy with Retry-After",
     )
 
+    # Reads from replicas (docs/scaling.md, "Reads from replicas").
+    read_from: Literal["primary", "replicas"] = Field(
+        default="primary",
+        description="where the query side (`cqrs query`, the Python API, `cqrs serve`) "
+        "reads views: `primary`, or `replicas` (each primary's replicas, on one node or a "
+        "cluster; read-your-writes still holds, the primary serves when no replica may)",
+    )
+    replica_max_lag: float = Field(
+        default=2.0,
+        gt=0,
+        description="with `read_from=replicas`: a replica is skipped while its primary "
+        "reports it not `online` or last heard from it more than this many seconds ago "
+        "(`INFO replication` `lag`; a healthy replica reports every second)",
+    )
+
     # Operations (docs/operations.md).
     stall_seconds: float = Field(
         default=30.0,
@@ -232,6 +247,14 @@ class Settings(BaseSettings):
             )
         if isinstance(value, bool):
             return "on" if value else "off"
+        return value
+
+    @field_validator("read_from", mode="before")
+    @classmethod
+    def _read_from(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().lower() or "primary"
+            return {"replica": "replicas", "master": "primary"}.get(value, value)
         return value
 
     @field_validator("log_format", "log_level", mode="before")

@@ -16,6 +16,7 @@ from sqlalchemy import Engine, create_engine
 
 from cqrs.keys import KeyMap
 from cqrs.redisio import is_cluster_client
+from cqrs.replicas import SyncReplicas
 from cqrs.settings import Settings
 from cqrs.urls import redis_url as to_redis_url
 from cqrs.urls import sqlalchemy_url, with_connect_timeout
@@ -144,8 +145,18 @@ class Wiring:
     def redis(self) -> redis.Redis:
         return make_redis(self.redis_url, self.settings, cluster=self.redis_cluster)
 
+    @cached_property
+    def replicas(self) -> SyncReplicas | None:
+        """The replica topology the query side reads through (`CQRS_READ_FROM=replicas`;
+        `cqrs.replicas`), over `redis`'s nodes; None when reads go to the primary."""
+        if self.settings.read_from != "replicas":
+            return None
+        return SyncReplicas(self.redis, max_lag=self.settings.replica_max_lag)
+
     def close(self) -> None:
         if "engine" in self.__dict__:
             self.engine.dispose()
+        if self.__dict__.get("replicas") is not None:
+            self.replicas.close()
         if "redis" in self.__dict__:
             self.redis.close()

@@ -10,12 +10,14 @@ corrupted view the same `BadView`) on the event loop itself, without blocking it
 Connections come from a blocking pool of a bounded size (`make_async_redis`): a request
 that finds every connection in use waits for one, up to the pool's timeout, and past it
 gets `Busy` (overload: HTTP 503 "busy" with Retry-After), never the "unreachable" that a
-Redis which does not answer gets.
+Redis which does not answer gets. On a cluster the same holds per node (`WaitingNode`),
+and with reads from replicas per replica (`cqrs.replicas`, `make_async_replicas`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import copy
 import time
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -33,10 +35,14 @@ from cqrs.queries.errors import BadView, Busy
 from cqrs.queries.models import Page
 from cqrs.queries.service import Plan, ViewPlans
 from cqrs.redisio import is_cluster_client, round_trip_async
+from cqrs.replicas import AsyncReplicas, Node, PoolLink, Route, read_round_trip_async
 from cqrs.urls import redis_url as to_redis_url
 from cqrs.wiring import cluster_url
 
 T = TypeVar("T")
+# Connections a cluster node may have beyond the requests' `max_connections`: the
+# read-your-writes subscription's and one for the slot map's refresh.
+CLUSTER_SPARE = 2
 
 
 def client_options(socket_timeout: float, client_name: str | None = None) -> dict[str, Any]:
@@ -119,9 +125,12 @@ def make_async_redis(
     `WaitingPool` of that size whose requests wait up to `pool_timeout` seconds for a
     free connection (without, redis-py's default pool, which fails at once when full).
 
-    `cluster` (cqrs.wiring.redis_is_cluster): redis.asyncio's cluster client instead,
-    `max_connections` per node (it has no waiting pool: a node whose connections are all
-    busy fails the request at once)."""
+    `cluster` (cqrs.wiring.redis_is_cluster): redis.asyncio's cluster client instead.
+    It has no waiting pool (a node whose connections are all busy fails at once), so the
+    requests wait in `WaitingNode`s of `max_connections` per node (`make_async_replicas`)
+    and the client's own limit is `CLUSTER_SPARE` above it, for the read-your-writes
+    subscription and the slot map's refreshes, which take a node's connection outside
+    those waits."""
     options = client_options(socket_timeout, client_name)
     if cluster:
         from redis.asyncio.cluster import RedisCluster
@@ -129,7 +138,7 @@ def make_async_redis(
         # Retries are the cluster client's business (redirects, failover), per request.
         options.pop("retry_on_timeout", None)
         if max_connections is not None:
-            options["max_connections"] = max_connections
+            options["max_connections"] = max_connections + CLUSTER_SPARE
         client = RedisCluster.from_url(cluster_url(to_redis_url(url)), **options)
         return cast(redis.asyncio.Redis, client)
     if max_connections is None:
@@ -138,6 +147,88 @@ def make_async_redis(
         to_redis_url(url), max_connections=max_connections, timeout=pool_timeout, **options
     )
     return redis.asyncio.Redis.from_pool(pool)
+
+
+class WaitingNode:
+    """A cluster node's connections for `cqrs serve`, handed out like `WaitingPool`'s:
+    first come first served through a FIFO semaphore of the pool's size (shared by every
+    link to the same node), `Busy` past `timeout`. redis.asyncio's `ClusterNode` itself
+    has no wait (`MaxConnectionsError` the moment it is full)."""
+
+    def __init__(
+        self, node: Any, slots: asyncio.Semaphore | None, size: int, timeout: float
+    ) -> None:
+        self.node = node
+        self.slots = slots
+        self.size = size
+        self.timeout = timeout
+
+    async def acquire(self) -> Any:
+        if self.slots is not None:
+            try:
+                async with asyncio.timeout(self.timeout):
+                    await self.slots.acquire()
+            except TimeoutError:
+                raise Busy(self._busy_message()) from None
+        try:
+            return self.node.acquire_connection()
+        except BaseException as exc:
+            if self.slots is not None:
+                self.slots.release()
+            if isinstance(exc, MaxConnectionsError):
+                raise Busy(self._busy_message()) from None
+            raise
+
+    async def release(self, connection: Any) -> None:
+        try:
+            self.node.release(connection)
+        finally:
+            if self.slots is not None:
+                self.slots.release()
+
+    def _busy_message(self) -> str:
+        return (
+            f"all {self.size} Redis connections to {self.node.name} stayed busy for "
+            f"{self.timeout:g}s"
+        )
+
+
+def make_async_replicas(
+    client: Any,
+    *,
+    read_from_replicas: bool,
+    max_lag: float,
+    max_connections: int | None,
+    pool_timeout: float,
+) -> AsyncReplicas | None:
+    """The node topology `AsyncViews` routes by: on a cluster always (its waiting per
+    node), on one node only with reads from replicas (the primary keeps its own
+    `WaitingPool`, each replica gets one of the same size). None: the client's pool."""
+    cluster = is_cluster_client(client)
+    if not cluster and not read_from_replicas:
+        return None
+    gates: dict[str, asyncio.Semaphore] = {}
+
+    def link(name: str, host: str | None, port: int | None, node: Any) -> Any:
+        if node is not None:
+            if max_connections is None:
+                return WaitingNode(node, None, node.max_connections, pool_timeout)
+            gate = gates.setdefault(name, asyncio.Semaphore(max_connections))
+            return WaitingNode(node, gate, max_connections, pool_timeout)
+        base = client.connection_pool
+        kwargs = {**base.connection_kwargs, "host": host, "port": port}
+        if max_connections is None:
+            pool = redis.asyncio.ConnectionPool(connection_class=base.connection_class, **kwargs)
+        else:
+            pool = WaitingPool(
+                connection_class=base.connection_class,
+                max_connections=max_connections,
+                timeout=pool_timeout,
+                **kwargs,
+            )
+        return PoolLink(pool, owned=True)
+
+    return AsyncReplicas(client, link=link, max_lag=max_lag, replicas=read_from_replicas)
 
 
 class AsyncViews(ViewPlans):
@@ -150,46 +241,98 @@ class AsyncViews(ViewPlans):
         *,
         partitions: int = 8,
         contracts: dict[str, ViewContract] | None = None,
+        replicas: AsyncReplicas | None = None,
     ) -> None:
         super().__init__(keys, partitions=partitions, contracts=contracts)
         self.redis = client
+        # The nodes reads are routed over (`make_async_replicas`), or None: the pool.
+        self.replicas = replicas
+        # A reader a read-your-writes wait returned: where its check read (`pinned`).
+        self._pins: dict[Any, Node] | None = None
 
     async def aclose(self) -> None:
+        if self.replicas is not None:
+            await self.replicas.aclose()
         await self.redis.aclose()
 
-    async def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
-        """The commands in one write on one pooled connection, their replies in order;
-        one more try on a fresh connection after a connection error (they are reads),
-        BadView for an error reply (see `QueryService._round_trip`).
+    async def _round_trip(
+        self, commands: Sequence[tuple[Any, ...]], route: Route | None = None
+    ) -> list[Any]:
+        """One round trip of a plan, on the client's pool (`_primary_trip`) or on the
+        nodes `route` gives each key (`cqrs.replicas`); BadView for an error reply (see
+        `QueryService._round_trip`)."""
+        if route is None:
+            replies = await self._primary_trip(commands)
+        else:
+            replies = await read_round_trip_async(route, list(commands), self._primary_trip)
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                raise BadView(f"view {command[1]} cannot be read: {reply}")
+        return replies
+
+    async def _primary_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+        """The commands in one write on one pooled connection (one per master on a
+        cluster), their replies in order, errors in place; one more try on a fresh
+        connection after a connection error (they are reads).
 
         redis.asyncio's own send and read cost more than this for the pair (figure in
         docs/benchmarks.md): each `send_packed_command` runs in an `asyncio.wait_for` (a
         task per write) and each `read_response` in a timeout context of its own;
         `cqrs.redisio.round_trip_async` puts one timeout over the write and the replies,
         read straight from the connection's hiredis reader. Waiting for a free connection
-        is the pool's business and outside that timeout (`WaitingPool`)."""
+        is the pool's business and outside that timeout (`WaitingPool`). On a cluster
+        this is the path after a node failed or answered MOVED (its own retries over a
+        fresh slot map), taking connections without the nodes' waits: a node full then
+        is `Busy` at once."""
         for attempt in (1, 2):
             try:
-                replies = await round_trip_async(self.redis, list(commands))
-                break
+                return await round_trip_async(self.redis, list(commands))
+            except MaxConnectionsError:
+                raise Busy("every Redis connection to a cluster node is in use") from None
             except RedisConnectionError:
                 if attempt == 2 or is_cluster_client(self.redis):
                     raise  # the cluster round trip retries (after a refresh) on its own
-        for command, reply in zip(commands, replies, strict=True):
-            if isinstance(reply, ResponseError):
-                raise BadView(f"view {command[1]} cannot be read: {reply}")
-        return replies
+        raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _run(self, plan: Plan[T]) -> T:
-        """Drive a plan: each yielded batch of commands is one round trip."""
+    async def _route(self) -> Route | None:
+        if self.replicas is None:
+            return None
+        await self.replicas.refresh_if_due()
+        return Route(self.replicas, pins=self._pins)
+
+    async def _run(self, plan: Plan[T], route: Route | None = None) -> T:
+        """Drive a plan: each yielded batch of commands is one round trip, all of them
+        routed alike (one request)."""
+        route = route or await self._route()
         try:
             commands = next(plan)
             while True:
-                commands = plan.send(await self._round_trip(commands))
+                commands = plan.send(await self._round_trip(commands, route))
         except StopIteration as done:
             return done.value
         finally:
             plan.close()
+
+    async def check(self, token: str) -> tuple[list[str], dict[Any, Node] | None]:
+        """`QueryService.check`, awaited: what is not applied yet, and where the read it
+        guards must go."""
+        if self.replicas is None or not self.replicas.read_from_replicas:
+            return await self._run(self._behind(token)), None
+        await self.replicas.refresh_if_due()
+        route = Route(self.replicas)
+        missing = await self._run(self._behind(token), route)
+        if missing and route.used_replicas:
+            route = Route(self.replicas, primaries=True)  # a replica may only lag
+            missing = await self._run(self._behind(token), route)
+        return missing, dict(route.served)
+
+    def pinned(self, pins: dict[Any, Node] | None) -> AsyncViews:
+        """These views reading as a satisfied check says (`check`)."""
+        if pins is None:
+            return self
+        reader = copy.copy(self)
+        reader._pins = pins
+        return reader
 
     async def ping(self) -> None:
         await self._round_trip([("PING",)])
@@ -220,7 +363,7 @@ class AsyncViews(ViewPlans):
         return await self._run(self._any_view(name, key))
 
     async def behind(self, token: str) -> list[str]:
-        return await self._run(self._behind(token))
+        return (await self.check(token))[0]
 
     async def rebuilding(self) -> set[str]:
         return await self._run(self._rebuilding())

@@ -58,9 +58,12 @@ def service(after: str | None, timeout: float) -> Iterator[QueryService]:
     settings = load_settings()
     wiring = Wiring(settings)
     try:
-        svc = QueryService(wiring.redis, wiring.keys, partitions=settings.partitions)
+        svc = QueryService(
+            wiring.redis, wiring.keys, partitions=settings.partitions, replicas=wiring.replicas
+        )
         if after:
-            svc.wait_for(after, timeout=timeout)
+            # With reads from replicas, the reader that reads where the check did.
+            svc = svc.wait_for(after, timeout=timeout)
         yield svc
     except TokenError as exc:
         fail(str(exc), EXIT_USAGE)

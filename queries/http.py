@@ -54,7 +54,13 @@ from pydantic import BaseModel, Field, create_model
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cqrs.contracts import registered_contracts
-from cqrs.queries.aio import AsyncViews, BlockingLag, client_options, make_async_redis
+from cqrs.queries.aio import (
+    AsyncViews,
+    BlockingLag,
+    client_options,
+    make_async_redis,
+    make_async_replicas,
+)
 from cqrs.queries.errors import BadCursor, BadView, Busy, NotCaughtUp, NotFound
 from cqrs.queries.models import Page
 from cqrs.queries.service import MAX_LIMIT, QueryService
@@ -236,7 +242,14 @@ def build_state(settings: Settings | None) -> ServerState:
         client_name=name,
         cluster=cluster,
     )
-    views = AsyncViews(client, wiring.keys, partitions=s.partitions)
+    replicas = make_async_replicas(
+        client,
+        read_from_replicas=s.read_from == "replicas",
+        max_lag=s.replica_max_lag,
+        max_connections=s.http_redis_max_connections,
+        pool_timeout=s.http_redis_pool_timeout,
+    )
+    views = AsyncViews(client, wiring.keys, partitions=s.partitions, replicas=replicas)
     if cluster:
         sync_client = wiring.redis  # the cluster client: a pool per node
     else:
@@ -270,7 +283,9 @@ async def caught_up(request: Request, after: str | None, timeout: float) -> Asyn
     projected; the views reader either way."""
     state = _state(request)
     if after:
-        await state.waiters.wait_for(after, timeout)
+        # The reader that sees the write (with reads from replicas: pinned to where the
+        # satisfied check read; cqrs.replicas).
+        return await state.waiters.wait_for(after, timeout)
     return state.views
 
 

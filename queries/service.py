@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import copy
 import time
 from collections.abc import Callable, Generator, Sequence
 from typing import Any, TypeVar
@@ -44,6 +45,7 @@ from cqrs.redisio import (
     pack,
     read_replies,
 )
+from cqrs.replicas import Node, Route, SyncReplicas, read_round_trip
 from cqrs.settings import Settings
 from cqrs.streams import group_lag
 from cqrs.tokens import decode_token
@@ -400,9 +402,14 @@ class QueryService(ViewPlans):
         *,
         partitions: int = 8,
         contracts: dict[str, ViewContract] | None = None,
+        replicas: SyncReplicas | None = None,
     ) -> None:
         super().__init__(keys, partitions=partitions, contracts=contracts)
         self.redis = client
+        # `CQRS_READ_FROM=replicas`: the topology reads are routed by (cqrs.replicas).
+        self.replicas = replicas
+        # A reader `wait_for` returned: the keys its check read on replicas, and where.
+        self._pins: dict[Any, Node] | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings | None = None) -> QueryService:
@@ -410,41 +417,52 @@ class QueryService(ViewPlans):
         from cqrs.wiring import Wiring
 
         wiring = Wiring(settings)
-        return cls(wiring.redis, wiring.keys, partitions=wiring.settings.partitions)
+        return cls(
+            wiring.redis,
+            wiring.keys,
+            partitions=wiring.settings.partitions,
+            replicas=wiring.replicas,
+        )
 
-    def _round_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
+    def _round_trip(
+        self, commands: Sequence[tuple[Any, ...]], route: Route | None = None
+    ) -> list[Any]:
+        """One round trip of a plan: on the primary (`_primary_trip`), or, with reads
+        from replicas, on the nodes `route` gives each key (`cqrs.replicas`); an error
+        reply (a key of another type where a view belongs) is BadView either way."""
+        if route is None:
+            replies = self._primary_trip(commands)
+        else:
+            replies = read_round_trip(route, list(commands), self._primary_trip)
+        for command, reply in zip(commands, replies, strict=True):
+            if isinstance(reply, ResponseError):
+                raise BadView(f"view {command[1]} cannot be read: {reply}")
+        return replies
+
+    def _primary_trip(self, commands: Sequence[tuple[Any, ...]]) -> list[Any]:
         """Send `commands` in one write on one pooled connection and read their replies.
 
         A redis-py `Pipeline` for the two commands of a get-by-id (command stack, response
         callbacks, its own connection handling) costs as much Python again as the HGETALL
         round trip it wraps (docs/benchmarks.md). Packed with hiredis and read straight from
         the connection's hiredis reader (`cqrs.redisio`), the pair costs what one
-        `client.hgetall` does. Replies are raw: HGETALL is a dict under RESP3 (redis-py's
-        default) and a flat list under RESP2 (`hash_fields`).
+        `client.hgetall` does. Replies are raw, error replies in their place: HGETALL is
+        a dict under RESP3 (redis-py's default) and a flat list under RESP2
+        (`hash_fields`).
 
         Every command here is a read, so a connection that broke while idle in the pool
         (Redis restarted) is replaced and the trip sent once more, as redis-py's own
-        retry would. An error reply (WRONGTYPE: a key of another type where a view
-        belongs) becomes BadView; the connection is then dropped, as after any error,
-        since later replies may be left unread on it.
+        retry would.
         """
         if is_cluster_client(self.redis):
             # One packed write per node, redirects and a failed node retried there.
-            replies = cluster_round_trip(self.redis, list(commands))
-            for command, reply in zip(commands, replies, strict=True):
-                if isinstance(reply, ResponseError):
-                    raise BadView(f"view {command[1]} cannot be read: {reply}")
-            return replies
+            return cluster_round_trip(self.redis, list(commands))
         pool = self.redis.connection_pool
         for attempt in (1, 2):
             conn = pool.get_connection()
             try:
                 conn.send_packed_command([b"".join(pack(c) for c in commands)])
-                replies = read_replies(conn, len(commands))
-                for command, reply in zip(commands, replies, strict=True):
-                    if isinstance(reply, ResponseError):
-                        raise BadView(f"view {command[1]} cannot be read: {reply}")
-                return replies
+                return read_replies(conn, len(commands))
             except RedisConnectionError:
                 conn.disconnect()
                 if attempt == 2:
@@ -456,12 +474,22 @@ class QueryService(ViewPlans):
                 pool.release(conn)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _run(self, plan: Plan[T]) -> T:
-        """Drive a plan: each yielded batch of commands is one round trip."""
+    def _route(self) -> Route | None:
+        """Where one request's reads go: None (the primary, reads from replicas off), or
+        a route over the replica topology, pinned when this reader guards a write."""
+        if self.replicas is None:
+            return None
+        self.replicas.refresh_if_due()
+        return Route(self.replicas, pins=self._pins)
+
+    def _run(self, plan: Plan[T], route: Route | None = None) -> T:
+        """Drive a plan: each yielded batch of commands is one round trip, all of them
+        routed alike (one request)."""
+        route = route or self._route()
         try:
             commands = next(plan)
             while True:
-                commands = plan.send(self._round_trip(commands))
+                commands = plan.send(self._round_trip(commands, route))
         except StopIteration as done:
             return done.value
         finally:
@@ -496,10 +524,37 @@ class QueryService(ViewPlans):
 
     def behind(self, token: str) -> list[str]:
         """What the projections have not applied yet of the write behind `token`."""
-        return self._run(self._behind(token))
+        return self.check(token)[0]
 
-    def wait_for(self, token: str, *, timeout: float = 5.0) -> None:
-        """Return once every projection reflects the write behind `token`.
+    def check(self, token: str) -> tuple[list[str], dict[Any, Node] | None]:
+        """`behind`, and where the read it guards must go (`cqrs.replicas`): the keys the
+        check read on replicas, and which (None: reads from replicas are off)."""
+        if self.replicas is None:
+            return self._run(self._behind(token)), None
+        self.replicas.refresh_if_due()
+        route = Route(self.replicas)
+        missing = self._run(self._behind(token), route)
+        if missing and route.used_replicas:
+            # A replica may only lag its primary: ask the primaries before waiting.
+            route = Route(self.replicas, primaries=True)
+            missing = self._run(self._behind(token), route)
+        return missing, dict(route.served)
+
+    def pinned(self, pins: dict[Any, Node] | None) -> QueryService:
+        """This service reading as a satisfied check says (`check`); itself when reads
+        from replicas are off."""
+        if self.replicas is None or pins is None:
+            return self
+        reader = copy.copy(self)
+        reader._pins = pins
+        return reader
+
+    def wait_for(self, token: str, *, timeout: float = 5.0) -> QueryService:
+        """Return, once every projection reflects the write behind `token`, the reader
+        that sees it: this service, or with reads from replicas on, one whose reads go
+        where the satisfied check read (`cqrs.replicas`: read the write through it, as
+        `svc.wait_for(token).get_order(id)`; this service's own reads may come from a
+        replica that has not caught up).
 
         Waiting is driven by the projector's notifications (pub/sub on the applied
         channel), not by a sleep loop: subscribe first, then check, then wait for the next
@@ -512,9 +567,9 @@ class QueryService(ViewPlans):
         pubsub = Subscription(self.redis, self.keys.applied_channel())
         try:
             while True:
-                missing = self.behind(token)
+                missing, pins = self.check(token)
                 if not missing:
-                    return
+                    return self.pinned(pins)
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break

@@ -5,7 +5,9 @@ process keeps ONE pub/sub subscription to the projector's `applied` channel (the
 notifications the CLI's `QueryService.wait_for` listens to) and a single `asyncio.Event`
 that each notification sets; a waiter re-checks its token (`ViewPlans._behind`, the same
 check as everywhere) when woken, on the shared pooled connections, and otherwise just
-sleeps on the event. So 1,000 waiters cost 1,000 suspended coroutines and one
+sleeps on the event. With reads from replicas the check reads a replica first (the
+primaries only when it says "not yet"), and the waiter answers with a reader pinned to
+where its check read (`cqrs.replicas`). So 1,000 waiters cost 1,000 suspended coroutines and one
 connection, not 1,000 threads and 1,000 connections.
 
 Why nothing can strand a waiter:
@@ -63,9 +65,11 @@ class AppliedWaiters:
         self._last_wake = 0.0
         self._wake_pending: asyncio.TimerHandle | None = None
 
-    async def wait_for(self, token: str, timeout: float) -> None:
-        """Return once the views reflect the write behind `token`; `Busy` when the
-        process already holds `max_waiters` waits; `NotCaughtUp` at the deadline."""
+    async def wait_for(self, token: str, timeout: float) -> AsyncViews:
+        """Once the views reflect the write behind `token`, the reader to read it with
+        (with reads from replicas, one that reads where the satisfied check did:
+        `cqrs.replicas`); `Busy` when the process already holds `max_waiters` waits;
+        `NotCaughtUp` at the deadline."""
         decode_token(token)  # a bad token is a 400 before it counts as a waiter
         if self.waiting >= self.max_waiters:
             raise Busy(
@@ -87,11 +91,11 @@ class AppliedWaiters:
                 woken = self._woken
                 try:
                     async with asyncio.timeout_at(deadline + CHECK_GRACE):
-                        missing = await self.views.behind(token)
+                        missing, pins = await self.views.check(token)
                 except TimeoutError:
                     break
                 if not missing:
-                    return
+                    return self.views.pinned(pins)
                 remaining = deadline - loop.time()
                 if remaining <= 0:
                     break
