@@ -595,9 +595,10 @@ LinkFactory = Callable[[str, str | None, int | None, Any], Any]
 
 class AsyncReplicas(ReadNodes):
     """The shards of a redis.asyncio client, refreshed in the background: a request that
-    finds them due starts a refresh and routes by the shards it has (only the first one
-    waits for it). `link` makes the handle of a cluster node, or of a replica of one
-    node (the caller's waiting pools); the one node's primary is the client's own pool."""
+    finds them due starts a refresh and routes by the shards it has (it waits for the
+    refresh only while there are none). `link` makes the handle of a cluster node, or of
+    a replica of one node (the caller's waiting pools); the one node's primary is the
+    client's own pool."""
 
     def __init__(
         self, client: Any, *, link: LinkFactory, max_lag: float, replicas: bool = True
@@ -612,7 +613,7 @@ class AsyncReplicas(ReadNodes):
             return
         if self._refreshing is None or self._refreshing.done():
             self._refreshing = asyncio.create_task(self._refresh(), name="cqrs-replicas")
-        if self.refreshed_at is None:
+        if not self.shards:  # nothing to route by yet (the first request, or Redis was down)
             await asyncio.shield(self._refreshing)
 
     async def _refresh(self) -> None:

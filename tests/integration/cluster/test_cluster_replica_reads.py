@@ -267,3 +267,23 @@ def test_a_full_node_waits_in_turn_then_is_busy(cluster_wiring: Wiring) -> None:
             await state.aclose()
 
     asyncio.run(scenario())
+
+
+def test_a_replica_of_another_shard_costs_a_trip_never_an_error(live: Wiring) -> None:
+    """A route the cluster moved under (a failover, a resharding): the replica answers
+    MOVED, the read goes to the primary path, and the topology is read again."""
+    queries = QueryService.from_settings(live.settings)
+    product = run(live, CreateProduct(sku="M-1", name="Moved", price="1.00", stock=1))
+    relay_all(live)
+    queries.wait_for(product.token, timeout=WAIT_SECONDS)
+    nodes = queries.replicas
+    assert nodes is not None
+    key = live.keys.views("products", 1).product(product.id)
+    home = nodes.shard_of(key)
+    assert home is not None
+    elsewhere = next(
+        r for shard in nodes.shards.values() if shard is not home for r in shard.replicas
+    )
+    reader = queries.pinned({key: elsewhere})
+    assert reader.get_product(product.id).name == "Moved"
+    assert nodes.is_down(elsewhere) and nodes.due()
