@@ -56,6 +56,10 @@ from cqrs.redisio import round_trip
 from cqrs.settings import Settings
 from cqrs.streams import PARTITIONS, REPARTITION, stored_partitions
 
+# What the locks and pause flags a repartition holds say (then a unique id): a second run
+# that finds them tells an interrupted repartition from a replay.
+_OWNER_PREFIX = "repartition-"
+
 
 class RepartitionRefused(Exception):
     """Nothing was changed: something runs that must not."""
@@ -104,7 +108,7 @@ class Repartitioner:
         self.projections = projections
         self.database_url = database_url
         self.target = target
-        self.owner = f"repartition-{uuid.uuid4().hex}"
+        self.owner = f"{_OWNER_PREFIX}{uuid.uuid4().hex}"
         self.lock_ms = max(settings.projector_lease_ms * 3, settings.replay_lock_ms)
         # The count before this run, as stored (None: nothing stored yet).
         self.before = stored_partitions(client, self.keys)
@@ -114,9 +118,9 @@ class Repartitioner:
     def preflight(self, *, online: bool) -> None:
         """Raise RepartitionRefused while a replay runs or (unless `online`) a worker is
         alive: a fresh heartbeat (three leases, as workers count each other) or a lease
-        on a slot of the current streams."""
+        on a slot of the current streams or the new ones."""
         names = [p.name for p in self.projections]
-        commands: list[tuple[Any, ...]] = [("EXISTS", self.keys.replay_lock(n)) for n in names]
+        commands: list[tuple[Any, ...]] = [("GET", self.keys.replay_lock(n)) for n in names]
         since_ms = int(time.time() * 1000) - 3 * self.settings.projector_lease_ms
         commands += [("ZCOUNT", self.keys.workers(n), since_ms, "+inf") for n in names]
         partitions = max(self.before or 0, self.target)
@@ -126,11 +130,15 @@ class Repartitioner:
         for reply in replies:
             if isinstance(reply, Exception):
                 raise reply
-        replaying = [n for n, r in zip(names, replies, strict=False) if r]
+        replaying = [(n, r) for n, r in zip(names, replies, strict=False) if r]
         if replaying:
-            raise RepartitionRefused(
-                f"a replay of {replaying[0]} is running; try again when it is done"
-            )
+            name, holder = replaying[0]
+            if str(holder).startswith(_OWNER_PREFIX):
+                raise RepartitionRefused(
+                    f"an interrupted repartition still holds the replay lock of {name}; it "
+                    f"expires within {self.lock_ms / 1000:g}s, try again then"
+                )
+            raise RepartitionRefused(f"a replay of {name} is running; try again when it is done")
         if online:
             return
         beats = dict(zip(names, replies[len(names) : 2 * len(names)], strict=True))

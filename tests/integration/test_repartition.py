@@ -21,6 +21,7 @@ import pytest
 
 from bench.workload import WorkloadReport, generate
 from cqrs.projector.registry import PROJECTIONS
+from cqrs.projector.repartition import Repartitioner, RepartitionRefused
 from cqrs.projector.state import live_generation, read_state
 from cqrs.relay.outbox import _RELAY_LOCK
 from cqrs.settings import Settings
@@ -324,6 +325,9 @@ def test_an_interrupted_repartition_leaves_a_working_namespace_and_a_rerun_finis
             or live_generation(client, keys, first) > rebuilt,
         )  # fmt: skip
         interrupted()
+        # Its locks are still held for a moment: a run now refuses and says why.
+        with pytest.raises(RepartitionRefused, match="interrupted repartition still holds"):
+            Repartitioner(client, four, list(PROJECTIONS.values()), None, 8).preflight(online=False)
         [finding] = _doctor_partitions(env)
         assert "did not finish" in finding["detail"] and "repartition 8" in finding["fix"]
 
