@@ -120,7 +120,8 @@ def repartition_command(
     json_output: bool = typer.Option(
         False,
         "--json",
-        help='One JSON object: {"before": N, "after": N, "removed_streams": N, "replays": [...]}.',
+        help='One JSON object: {"before": N, "after": N, "unfinished": N or null, '
+        '"removed_streams": N, "replays": [...]}.',
     ),
 ) -> None:
     """Change the number of partition streams: the streams are replaced and every
@@ -129,7 +130,10 @@ def repartition_command(
     a worker runs, unless --online. Interrupted, run it again (docs/scaling.md)."""
     if not yes:
         if not sys.stdin.isatty():
-            fail("repartition rebuilds every view; pass --yes to run it non-interactively", 2)
+            fail(
+                "repartition rebuilds every view; pass --yes to run it non-interactively",
+                EXIT_USAGE,
+            )
         if not typer.confirm(f"Replace the streams by {partitions} and rebuild every view?"):
             raise typer.Exit(1)
     configure_logging(logging.WARNING)
@@ -171,6 +175,8 @@ def _repartition(
             out.print(f"the streams already have {target} partitions: nothing to do")
         return report
     say = (lambda _line: None) if quiet else (lambda line: out.print(line, markup=False))
+    if unfinished is not None:
+        say(f"an interrupted repartition to {unfinished} partitions is found: starting over")
     switched = False
     try:
         with psycopg.connect(libpq_url(wiring.database_url or ""), autocommit=True) as conn:
