@@ -24,9 +24,10 @@ endpoints and the health check for as long as the waiters waited. Now:
   waiter, one shared subscription to the applied channel, at most
   `CQRS_HTTP_MAX_WAITERS` at once (503 busy beyond), the client's timeout a deadline;
 - Redis connections come from one bounded blocking pool
-  (`CQRS_HTTP_REDIS_MAX_CONNECTIONS`): a request that finds them all busy waits for one
-  (`CQRS_HTTP_REDIS_POOL_TIMEOUT`), then gets 503 busy with `Retry-After`; only a Redis
-  that does not answer is 503 unavailable;
+  (`CQRS_HTTP_REDIS_MAX_CONNECTIONS`; on a cluster, and with reads from replicas, one
+  per node: `queries.aio.make_async_replicas`): a request that finds them all busy waits
+  for one (`CQRS_HTTP_REDIS_POOL_TIMEOUT`), then gets 503 busy with `Retry-After`; only
+  a Redis that does not answer is 503 unavailable;
 - the health check's lag (XINFO, parsed by the kernel's synchronous code) runs on a
   two-thread executor of its own (`queries.aio.BlockingLag`).
 """
