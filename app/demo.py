@@ -127,6 +127,9 @@ class _ProgressBar:
     def reconnected(self, component: str) -> None:
         pass
 
+    def repaired(self, projection: str) -> None:
+        pass
+
 
 def project_until_current(wiring: Wiring, expected_entries: int) -> None:
     worker = Worker(

@@ -59,15 +59,20 @@ def build_missing_views(worker: Worker, wiring: Wiring, stop: threading.Event) -
     events each build read. The worker would build them too, but only logs the counts; a
     build that fails here is left to the worker, which retries it."""
     built: dict[str, Any] = {}
+    if worker.repairs is not None:
+        worker.repairs.poll()  # first: a build clears a repair flag raised before it
     worker.refresh_status()
     for projection in worker.projections:
         if projection.name not in worker.needs_build or stop.is_set():
             continue
         replayer = Replayer(wiring.redis, wiring.settings, projection, wiring.database_url)
+        change = worker.repair_flags.get(projection.name)
         try:
             result = replayer.run("auto", stop=stop, only_if_invalid=True)
         except (AlreadyBuilt, ReplayError, psycopg.OperationalError):
             continue
+        if change is not None and worker.repairs is not None:
+            worker.repairs.clear(projection.name, change)
         built[projection.name] = {"source": result.source, "events": result.events}
     worker.refresh_status()
     return built

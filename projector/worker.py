@@ -38,6 +38,7 @@ from cqrs.keys import KeyMap, ViewKeys
 from cqrs.projector.deadletters import DeadLetter, file_dead_letters
 from cqrs.projector.leases import Leases
 from cqrs.projector.projection import ParseOnce, Projection
+from cqrs.projector.repair import Repairs
 from cqrs.projector.scripts import Scripts
 from cqrs.projector.state import live_generation
 from cqrs.projector.steps import Step, run_steps
@@ -49,7 +50,7 @@ from cqrs.streams import parse_entry_id, stream_partitions
 log = logging.getLogger(__name__)
 
 # Commands per projection in `_status_commands`.
-_STATUS_COMMANDS = 4
+_STATUS_COMMANDS = 5
 _TRANSIENT = (redis.ConnectionError, redis.TimeoutError, redis.BusyLoadingError)
 
 
@@ -63,6 +64,8 @@ class WorkerMetrics(Protocol):
     def dead_lettered(self, projection: str, count: int) -> None: ...
 
     def reconnected(self, component: str) -> None: ...
+
+    def repaired(self, projection: str) -> None: ...
 
 
 @dataclass
@@ -153,6 +156,13 @@ class Worker:
         self._batch_applied: dict[tuple[str, str], int] = {}
         self._batch_failed: dict[str, int] = {}
         self._log = {"consumer": self.consumer}
+        # Failover check and repairs (projector/repair.py): they need the log to rebuild.
+        self.repairs = (
+            Repairs(client, self.scripts, settings, database_url, self.projections, self._log)
+            if database_url
+            else None
+        )
+        self.repair_flags: dict[str, str] = {}  # projection -> the change its flag names
 
     # --- leases ------------------------------------------------------------------------
 
@@ -179,8 +189,8 @@ class Worker:
         self._apply_status(round_trip(self.redis, self._status_commands()))
 
     def _status_commands(self) -> list[tuple[Any, ...]]:
-        """Per projection: its state hash, its pause flag, its replay lock, and the
-        generation key queries read (`_STATUS_COMMANDS` of them)."""
+        """Per projection: its state hash, its pause flag, its replay lock, the
+        generation key queries read and its repair flag (`_STATUS_COMMANDS` of them)."""
         commands: list[tuple[Any, ...]] = []
         for projection in self.projections:
             commands += [
@@ -188,6 +198,7 @@ class Worker:
                 ("EXISTS", self.keys.pause(projection.name)),
                 ("EXISTS", self.keys.replay_lock(projection.name)),
                 ("GET", self.keys.generation(projection.name)),
+                ("GET", self.keys.repair(projection.name)),
             ]
         # Last: the partition count, which `cqrs repartition` changes (`_apply_status`).
         commands.append(("HGET", self.keys.meta(), "partitions"))
@@ -201,9 +212,12 @@ class Worker:
         self.needs_build.clear()
         self.rebuilding.clear()
         self.newer.clear()
+        self.repair_flags.clear()
         for i, projection in enumerate(self.projections):
             n = _STATUS_COMMANDS * i
-            raw_state, paused, replaying, served = results[n : n + _STATUS_COMMANDS]
+            raw_state, paused, replaying, served, repair = results[n : n + _STATUS_COMMANDS]
+            if repair is not None:
+                self.repair_flags[projection.name] = repair
             state = hash_fields(raw_state)  # a dict (RESP3) or a flat list (RESP2)
             name = projection.name
             built = int(state.get("version", 0)) if state.get("generation") else 0
@@ -321,12 +335,16 @@ class Worker:
                     extra={**self._log, "projection": name},
                 )
                 continue
+            # A repair flag raised before this build began asks for nothing more.
+            change = self.repair_flags.get(name)
             try:
                 # `needs_build` may be stale by now (another worker may have built it while
                 # we built another projection): the replayer checks again under its lock.
                 result = Replayer(self.redis, self.settings, projection, self.database_url).run(
                     "auto", stop=stop, only_if_invalid=True
                 )
+                if change is not None and self.repairs is not None:
+                    self.repairs.clear(name, change)
                 log.info(
                     "built %s from the %s: %d events in %.1fs",
                     name,
@@ -354,6 +372,29 @@ class Worker:
                     exc,
                     extra={**self._log, "projection": name},
                 )
+        if ran:
+            self.refresh_status()
+        return ran
+
+    def repair_views(self, stop: threading.Event) -> bool:
+        """Rebuild from the log every live projection of ours flagged after a Redis
+        failover (projector/repair.py), at most one try per check interval each; True
+        when one was rebuilt."""
+        if self.repairs is None:
+            return False
+        ran = False
+        for projection in self.projections:
+            name = projection.name
+            change = self.repair_flags.get(name)
+            if change is None or name not in self.active or name in self.rebuilding:
+                continue
+            if stop.is_set() or not self.repairs.due(name):
+                continue
+            self.release_all()  # the rebuild's switch waits for every lease of it
+            if self.repairs.run(projection, change, stop, self.reapply):
+                ran = True
+                if self.metrics is not None:
+                    self.metrics.repaired(name)
         if ran:
             self.refresh_status()
         return ran
@@ -749,10 +790,15 @@ class Worker:
 
     def caught_up(self) -> bool:
         """Every group of every projection has read its whole stream and has nothing
-        pending (dead letters are acknowledged, so they do not hold this up)."""
+        pending (dead letters are acknowledged, so they do not hold this up), and no
+        projection waits to be rebuilt after a failover (checked here too, when due)."""
+        if self.repairs is not None:
+            self.repairs.poll()
         self.refresh_status()
         if len(self.active) + len(self.newer) < len(self.projections):
             return False  # something is being built or switched
+        if self.repairs is not None and any(n in self.active for n in self.repair_flags):
+            return False  # to be rebuilt after a failover (`repair_views`)
         pipe = self.redis.pipeline(transaction=False)
         pairs = self._all_slots()
         for _projection, partition in pairs:
@@ -869,7 +915,11 @@ class Worker:
         try:
             while not stop.is_set():
                 try:
+                    if self.repairs is not None and self.repairs.poll():
+                        self.refresh_status()
                     if self.needs_build and self.build_missing(stop):
+                        continue
+                    if self.repair_flags and self.repair_views(stop):
                         continue
                     self.eviction_watch.poll()
                     progress_before = self.stats.acked + self.stats.dead_lettered
@@ -895,6 +945,8 @@ class Worker:
                     if self._pubsub is not None:
                         self._pubsub.close()
                     self._pubsub = None
+                    if self.repairs is not None:
+                        self.repairs.soon()  # a failover may be why
                     stop.wait(backoff)
                     backoff = min(backoff * 2, 5.0)
                     for slot in self.owned.values():
