@@ -7,6 +7,7 @@ it in a thread (a replica that neither applies the stream nor answers meanwhile)
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 import uuid
@@ -22,6 +23,7 @@ from cqrs.commands.customers import RegisterCustomer
 from cqrs.commands.orders import PlaceOrder
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.worker import Worker
+from cqrs.queries.http import build_state
 from cqrs.queries.service import QueryService
 from cqrs.settings import Settings
 from cqrs.wiring import Wiring
@@ -184,7 +186,7 @@ def test_a_paused_replica_is_waited_on_or_skipped_never_stale(pair: Pair, live: 
 
     # Paused for less than the token's timeout: the write lands on the primary while the
     # replica sleeps; the wait answers in time and the read shows the write.
-    sleeper = pause(2)
+    sleeper = pause(1)
     renamed = run(live, RenameProduct(product_id=product.id, name="After"))
     relay_all(live)
     started = time.monotonic()
@@ -259,3 +261,36 @@ def test_a_replica_behind_is_never_read_after_the_check(pair: Pair, live: Wiring
     assert calls(pair.replica) > checked_on_replica, "the check skipped the replica"
     assert reader.get_product(product.id).name == "Fresh"
     assert queries.get_product(product.id).name == "Before"  # unguarded: the old replica
+
+
+def test_the_http_readers_wait_and_read_on_the_replica(pair: Pair, live: Wiring) -> None:
+    """`cqrs serve`'s readers (`?after=` is `AppliedWaiters.wait_for`, then the reader it
+    returns): the replica gets a waiting pool of its own, named like the primary's."""
+    product = run(live, CreateProduct(sku="R-6", name="Async 0", price="1.00", stock=1))
+    relay_all(live)
+
+    async def scenario() -> None:
+        state = build_state(live.settings)
+        try:
+            for i in range(1, 4):
+                renamed = run(live, RenameProduct(product_id=product.id, name=f"Async {i}"))
+                relay_all(live)
+                started = time.monotonic()
+                reader = await state.waiters.wait_for(renamed.token, WAIT_SECONDS)
+                assert time.monotonic() - started < WAIT_SECONDS
+                assert (await reader.get_product(product.id)).name == f"Async {i}"
+            on_replica = calls(pair.replica)
+            for _ in range(5):
+                reader = await state.waiters.wait_for(renamed.token, WAIT_SECONDS)
+                assert (await reader.get_product(product.id)).name == "Async 3"
+            assert calls(pair.replica) - on_replica >= 5, "the replica served no reads"
+            replica = redis.Redis.from_url(pair.replica, decode_responses=True)
+            try:
+                names = {c.get("name") for c in replica.client_list()}
+            finally:
+                replica.close()
+            assert f"cqrs-serve.{live.settings.namespace}" in names
+        finally:
+            await state.aclose()
+
+    asyncio.run(scenario())
