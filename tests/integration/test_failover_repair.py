@@ -15,6 +15,7 @@ master whose replica missed the last writes.
 from __future__ import annotations
 
 import threading
+import time
 import uuid
 
 import psycopg
@@ -173,7 +174,7 @@ def test_a_check_without_postgresql_says_so_and_tries_again_later(
         repairs = Repairs(
             wiring.redis,
             _worker(wiring).scripts,
-            settings.model_copy(update={"database_connect_timeout": 2}),
+            settings,
             unreachable,
             PROJECTIONS.values(),
             {"consumer": f"c{uuid.uuid4().hex[:6]}"},
@@ -187,6 +188,4 @@ def test_a_check_without_postgresql_says_so_and_tries_again_later(
 
 
 def time_after(seconds: float) -> float:
-    import time
-
     return time.monotonic() + seconds + 0.01
