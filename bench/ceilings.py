@@ -226,6 +226,7 @@ def raw_loop_child(
     per_slot = isinstance(client, RedisCluster)
     ready()
     go.wait()
+    started = psutil.Process().cpu_times()
     events = 0
     while not stop.is_set():
         pipes = Pipes(client)
@@ -275,7 +276,13 @@ def raw_loop_child(
         else:
             time.sleep(0.001)
     client.close()
-    return {"consumer": consumer, "rss": psutil.Process().memory_info().rss, "deliveries": events}
+    ended = psutil.Process().cpu_times()
+    return {
+        "consumer": consumer,
+        "cpu": ended.user + ended.system - started.user - started.system,
+        "rss": psutil.Process().memory_info().rss,
+        "deliveries": events,
+    }
 
 
 # --- Redis: a plain hash's memory ---------------------------------------------------------

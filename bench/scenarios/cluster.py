@@ -25,9 +25,15 @@ Servers. The cluster: `CQRS_BENCH_CLUSTER_URL` (any node of an existing cluster)
 `CQRS_REDIS_URL` when it names a cluster node, else a local cluster started here
 (`cqrs.cluster`: 3 masters + 3 replicas on free loopback ports) and stopped by PID when
 the scenario ends, also after an error or a SIGTERM/SIGINT (bench.runner turns those
-into an exception, so every `finally` runs). One node: `CQRS_REDIS_URL` when it is one
-node, else a private `redis-server` started (and stopped) here with the local cluster's
-binary and flags. Both sides work under namespaces of their own, deleted at the end.
+into an exception, so every `finally` runs). One node: `CQRS_BENCH_NODE_URL`, else a
+private `redis-server` started (and stopped) here with the local cluster's binary and
+flags, so neither side serves anyone else's traffic and both run the same server with
+the same settings. Both sides work under namespaces of their own, deleted at the end.
+
+CPU: every round also records the CPU time of the consumer processes and of every server
+(INFO cpu, masters and replicas apart), per event: where the time goes, and what a
+deployment with the masters and workers on machines of their own would be bound by
+(docs/benchmarks.md, "Redis Cluster").
 """
 
 from __future__ import annotations
@@ -68,6 +74,7 @@ from cqrs.urls import mask_url
 from cqrs.wiring import make_redis
 
 CLUSTER_URL_ENV = "CQRS_BENCH_CLUSTER_URL"
+NODE_URL_ENV = "CQRS_BENCH_NODE_URL"
 WORKERS = (1, 2, 3)
 # More partitions than the default 8 so each of 3 masters holds several streams (the
 # local cluster's slot ranges give 4/5/7) and 3 workers each own several; docs/scaling.md
@@ -86,6 +93,8 @@ class Side:
     settings: Settings
     client: redis.Redis
     events: list[SynthEvent] = field(default_factory=list)
+    # (role, plain client) of every server of this side, for INFO cpu.
+    servers: list[tuple[str, redis.Redis]] = field(default_factory=list)
 
     @property
     def keys(self) -> KeyMap:
@@ -161,22 +170,21 @@ def servers(ctx: Context) -> Iterator[dict[str, tuple[str, str]]]:
     home = Path(tempfile.mkdtemp(prefix="cqrs-bench-cluster-"))
     try:
         with contextlib.ExitStack() as stack:
-            backend_is_cluster = is_cluster_client(ctx.backend.redis)
             chosen: dict[str, tuple[str, str]] = {}
             if os.environ.get(CLUSTER_URL_ENV):
                 chosen["cluster"] = (os.environ[CLUSTER_URL_ENV], CLUSTER_URL_ENV)
-            elif backend_is_cluster:
+            elif is_cluster_client(ctx.backend.redis):
                 chosen["cluster"] = (ctx.backend.redis_url, "CQRS_REDIS_URL")
             else:
                 ctx.say("cluster: starting a local cluster (3 masters + 3 replicas)")
                 started = local_cluster.start(home)
                 stack.callback(lambda: ctx.say(f"cluster: stopped {stop_local(started)}"))
                 chosen["cluster"] = (started.url, "local: cqrs.cluster, 3 masters + 3 replicas")
-            if backend_is_cluster:
+            if os.environ.get(NODE_URL_ENV):
+                chosen["node"] = (os.environ[NODE_URL_ENV], NODE_URL_ENV)
+            else:
                 url = stack.enter_context(private_node(home))
                 chosen["node"] = (url, "local: private redis-server")
-            else:
-                chosen["node"] = (ctx.backend.redis_url, "CQRS_REDIS_URL")
             yield chosen
     finally:
         shutil.rmtree(home, ignore_errors=True)
@@ -194,7 +202,32 @@ def open_side(ctx: Context, name: str, url: str, source: str) -> Side:
         client.close()
         what = "is not a Redis Cluster node" if name == "cluster" else "is a cluster node"
         raise RuntimeError(f"{source} {what}: {url}")
-    return Side(name, source, settings, client)
+    side = Side(name, source, settings, client)
+    if name == "node":
+        side.servers = [("master", redis.Redis.from_url(url, decode_responses=True))]
+    else:
+        base = redis.Redis.from_url(url).connection_pool.connection_kwargs
+        for address, node in client.cluster_nodes().items():  # type: ignore[attr-defined]
+            host, _, port = address.partition("@")[0].rpartition(":")
+            role = "master" if "master" in node["flags"] else "replica"
+            plain = redis.Redis(
+                host=host,
+                port=int(port),
+                username=base.get("username"),
+                password=base.get("password"),
+                decode_responses=True,
+            )
+            side.servers.append((role, plain))
+    return side
+
+
+def redis_cpu(side: Side) -> dict[str, float]:
+    """CPU seconds its servers have used so far, summed by role (master, replica)."""
+    used: dict[str, float] = {"master": 0.0, "replica": 0.0}
+    for role, server_client in side.servers:
+        info = server_client.info("cpu")
+        used[role] += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+    return used
 
 
 def replicas(client: Any) -> int:
@@ -221,25 +254,53 @@ def cluster_facts(client: Any, keys: KeyMap) -> dict[str, Any]:
 # --- projection ----------------------------------------------------------------------------
 
 
-def project_round(pool: ConsumerPool, side: Side, workers: int, tag: str) -> tuple[float, int]:
-    """events/s of `workers` worker processes over the whole history; entries failed."""
+@dataclass
+class Round:
+    """One timed round: events/s, entries failed, and CPU seconds of the consumer
+    processes and of the servers by role over the round."""
+
+    rate: float
+    failed: int
+    consumers_cpu: float
+    servers_cpu: dict[str, float]
+
+
+def timed_round(
+    side: Side, run: Callable[[], Any], reports_cpu: Callable[[list[dict[str, Any]]], float]
+) -> Round:
+    before = redis_cpu(side)
+    result = run()
+    after = redis_cpu(side)
+    return Round(
+        len(side.events) / result.seconds,
+        sum(r.get("failed", 0) for r in result.reports),
+        reports_cpu(result.reports),
+        {role: after[role] - before[role] for role in after},
+    )
+
+
+def project_round(pool: ConsumerPool, side: Side, workers: int, tag: str) -> Round:
+    """`workers` worker processes over the whole history."""
     keys, client = side.keys, side.client
     consumers = [f"bench-{tag}-{i}" for i in range(workers)]
     prepare_live(client, keys, consumers, side.settings.partitions)
     values = side.settings.model_dump()
-    result = pool.round(
-        WORKER_ROUND,
-        [(values, c) for c in consumers],
-        client,
-        side.streams,
-        list(PROJECTIONS),
-        tick=lambda: publish(client, keys.relay_wakeup_channel(), 1),
+    return timed_round(
+        side,
+        lambda: pool.round(
+            WORKER_ROUND,
+            [(values, c) for c in consumers],
+            client,
+            side.streams,
+            list(PROJECTIONS),
+            tick=lambda: publish(client, keys.relay_wakeup_channel(), 1),
+        ),
+        lambda reports: sum(r["cpu"] for r in reports),
     )
-    return len(side.events) / result.seconds, sum(r["failed"] for r in result.reports)
 
 
-def raw_round(pool: ConsumerPool, side: Side, procs: int, tag: str) -> float:
-    """events/s of the hand-written loop in `procs` processes (partitions dealt out)."""
+def raw_round(pool: ConsumerPool, side: Side, procs: int, tag: str) -> Round:
+    """The hand-written loop in `procs` processes (partitions dealt out)."""
     partitions = side.settings.partitions
     prepare_raw(side.client, side.keys, partitions)
     handled = {name: list(p.handlers) for name, p in PROJECTIONS.items()}
@@ -255,9 +316,13 @@ def raw_round(pool: ConsumerPool, side: Side, procs: int, tag: str) -> float:
         for i in range(procs)
     ]
     groups = [ceilings.raw_group(name) for name in PROJECTIONS]
-    result = pool.round(RAW_ROUND, args, side.client, side.streams, groups)
+    measured = timed_round(
+        side,
+        lambda: pool.round(RAW_ROUND, args, side.client, side.streams, groups),
+        lambda reports: sum(r["cpu"] for r in reports),
+    )
     prepare_raw(side.client, side.keys, partitions)  # the loop's view copies go
-    return len(side.events) / result.seconds
+    return measured
 
 
 def not_applied(side: Side) -> int:
@@ -375,12 +440,21 @@ def run(ctx: Context) -> list[Row]:
     def add(name: str, value: float) -> None:
         results.setdefault(name, []).append(value)
 
+    def record(side: Side, name: str, kind: str, measured: Round) -> None:
+        """events/s, and CPU microseconds per event of the consumers and the servers."""
+        add(f"{side.name}-{name}", measured.rate)
+        per_event = 1e6 / len(side.events)
+        add(f"{side.name}-{kind}-cpu", measured.consumers_cpu * per_event)
+        for role, seconds in measured.servers_cpu.items():
+            add(f"{side.name}-{kind}-redis-{role}", seconds * per_event)
+
     with servers(ctx) as chosen, contextlib.ExitStack() as stack:
         sides: dict[str, Side] = {}
         for name in SIDES:
             side = open_side(ctx, name, *chosen[name])
             sides[name] = side
             stack.callback(side.client.close)
+            stack.callback(lambda s=side: [c.close() for _role, c in s.servers])
             stack.callback(lambda s=side: delete_namespace(s.client, s.settings.namespace))
         node, cluster = sides["node"], sides["cluster"]
         facts = cluster_facts(cluster.client, cluster.keys)
@@ -401,15 +475,16 @@ def run(ctx: Context) -> list[Row]:
                 order = [node, cluster] if rep % 2 == 0 else [cluster, node]
                 for workers in WORKERS:
                     for side in order:
-                        rate, lost = project_round(pool, side, workers, f"{rep}-{workers}")
-                        add(f"{side.name}-project-{workers}", rate)
-                        failed += lost
+                        measured = project_round(pool, side, workers, f"{rep}-{workers}")
+                        record(side, f"project-{workers}", "project", measured)
+                        failed += measured.failed
                 # The last round left complete views: check them, then read them.
                 for side in order:
                     unapplied[side.name] = max(unapplied.get(side.name, 0), not_applied(side))
                 for procs in WORKERS:
                     for side in order:
-                        add(f"{side.name}-raw-{procs}", raw_round(pool, side, procs, f"{rep}"))
+                        measured = raw_round(pool, side, procs, f"{rep}")
+                        record(side, f"raw-{procs}", "raw", measured)
                 ctx.say(
                     f"  cluster rep {rep + 1} events/s: "
                     + ", ".join(
@@ -573,6 +648,28 @@ def rows(
                 extra=size,
             )
         )
+    for kind, label in (("project", "workers"), ("raw", "raw loop")):
+        replicas_us = Figure.of(results[f"cluster-{kind}-redis-replica"]).median
+        for what, name, ceiling in (
+            ("cpu", f"CPU per event, {label}", "the same, one node"),
+            (
+                "redis-master",
+                f"Redis CPU per event, masters, {label}",
+                "the one node's, same work",
+            ),
+        ):
+            out.append(
+                Row(
+                    "cluster",
+                    name,
+                    "us",
+                    fig(f"cluster-{kind}-{what}"),
+                    fig(f"node-{kind}-{what}"),
+                    ceiling,
+                    better="lower",
+                    extra={**size, "replicas_cpu_us_per_event": replicas_us},
+                )
+            )
     reads = {"calls": n_calls, **{k: size[k] for k in ("cluster", "node", "load_average")}}
     for what, label in (
         ("py-product", "get product {q}, Python API"),

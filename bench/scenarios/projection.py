@@ -35,6 +35,12 @@ WORKER_ROUND = "bench.scenarios.projection:worker_round"
 RAW_ROUND = "bench.ceilings:raw_loop_child"
 
 
+def cpu_seconds() -> float:
+    """This process's CPU time so far (user + system)."""
+    times = psutil.Process().cpu_times()
+    return times.user + times.system
+
+
 def worker_round(
     settings_values: dict[str, Any], consumer: str, *, ready: Any, go: Any, stop: Any, **_: Any
 ) -> dict[str, Any]:
@@ -46,12 +52,15 @@ def worker_round(
     worker = Worker(client, settings, list(PROJECTIONS.values()), consumer=consumer)
     ready()
     go.wait()
+    cpu = cpu_seconds()
     tune_gc(settings.projector_gc_threshold)  # as `cqrs project` does
     worker.run(stop)
+    cpu = cpu_seconds() - cpu
     client.close()
     stats = worker.stats
     return {
         "consumer": consumer,
+        "cpu": cpu,
         "rss": psutil.Process().memory_info().rss,
         "applied": stats.applied,
         "acked": stats.acked,

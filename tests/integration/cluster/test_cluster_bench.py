@@ -43,6 +43,11 @@ CLUSTER_ROWS = {
         for q in ("p50", "p99")
     ),
     *(
+        f"{what}, {consumers}"
+        for what in ("CPU per event", "Redis CPU per event, masters")
+        for consumers in ("workers", "raw loop")
+    ),
+    *(
         f"packed trip, {shape}{way}, p50"
         for shape in ("get-by-id shape (GET + HGETALL)", "1,000 HSETs")
         for way in ("", ", masters' parts one after another", ", a thread per master")
@@ -92,7 +97,7 @@ def test_bench_runs_on_a_cluster_and_compares_it_with_one_node(
     cluster = by_scenario["cluster"]
     assert set(cluster) == CLUSTER_ROWS
     for name, row in cluster.items():
-        if row["unit"] == "events/s":
+        if row["unit"] == "events/s" or "CPU" in name:
             assert row["project"]["median"] > 0 and row["ceiling"]["median"] > 0, row
         if name.startswith("projection"):
             assert row["extra"]["failed"] == 0, row["extra"]
