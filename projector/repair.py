@@ -82,7 +82,9 @@ def master_replids(client: redis.Redis) -> dict[str, str]:
     and raises the connection error (the caller's back-off, then the next check)."""
     if not is_cluster_client(client):
         info = client.info("replication")
-        return {"": str(info["master_replid"])}
+        where = client.connection_pool.connection_kwargs
+        name = f"{where.get('host', '')}:{where.get('port', '')}".strip(":") or "redis"
+        return {name: str(info["master_replid"])}
     found: dict[str, str] = {}
     for node in client.get_primaries():  # type: ignore[attr-defined]
         try:
@@ -162,7 +164,7 @@ class Repairs:
             if fresh:
                 recorded = [r for (r,) in conn.execute(_RECORD, (self.keys.ns, fresh))]
                 if known and recorded:
-                    nodes = sorted(node or "redis" for node, r in replids.items() if r in recorded)
+                    nodes = sorted(node for node, r in replids.items() if r in recorded)
                     self._flag(",".join(recorded), nodes)
                     flagged = True
         self._known = known | current
