@@ -129,7 +129,8 @@ _XADD_EVENTS_LUA = (
 )
 # The marks PostgreSQL holds (module docstring), read in the pass's claim round trip, and
 # raised in the transaction that deletes the outbox rows (partitions in order, so two
-# passes never lock them in opposite orders).
+# passes never lock them in opposite orders). Their cost per pass: docs/benchmarks.md,
+# "Costs the code's comments rely on".
 _READ_MARKS = (
     "SELECT partition, position FROM events.relay_marks WHERE namespace = %s AND partitions = %s"
 )
