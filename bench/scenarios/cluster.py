@@ -221,12 +221,12 @@ def open_side(ctx: Context, name: str, url: str, source: str) -> Side:
     return side
 
 
-def redis_cpu(side: Side) -> dict[str, float]:
-    """CPU seconds its servers have used so far, summed by role (master, replica)."""
-    used: dict[str, float] = {"master": 0.0, "replica": 0.0}
+def redis_cpu(side: Side) -> list[tuple[str, float]]:
+    """(role, CPU seconds used so far) of each of its servers."""
+    used = []
     for role, server_client in side.servers:
         info = server_client.info("cpu")
-        used[role] += float(info["used_cpu_user"]) + float(info["used_cpu_sys"])
+        used.append((role, float(info["used_cpu_user"]) + float(info["used_cpu_sys"])))
     return used
 
 
@@ -263,6 +263,9 @@ class Round:
     failed: int
     consumers_cpu: float
     servers_cpu: dict[str, float]
+    # The busiest master's part of the masters' CPU (1.0 on one node): how evenly the
+    # work spreads, which bounds a cluster whose masters have a core each.
+    busiest_master: float
 
 
 def timed_round(
@@ -271,11 +274,17 @@ def timed_round(
     before = redis_cpu(side)
     result = run()
     after = redis_cpu(side)
+    spent = [(role, b - a) for (role, a), (_, b) in zip(before, after, strict=True)]
+    by_role = {"master": 0.0, "replica": 0.0}
+    for role, seconds in spent:
+        by_role[role] += seconds
+    masters = [seconds for role, seconds in spent if role == "master"]
     return Round(
         len(side.events) / result.seconds,
         sum(r.get("failed", 0) for r in result.reports),
         reports_cpu(result.reports),
-        {role: after[role] - before[role] for role in after},
+        by_role,
+        max(masters) / sum(masters) if sum(masters) > 0 else 1.0,
     )
 
 
@@ -447,6 +456,7 @@ def run(ctx: Context) -> list[Row]:
         add(f"{side.name}-{kind}-cpu", measured.consumers_cpu * per_event)
         for role, seconds in measured.servers_cpu.items():
             add(f"{side.name}-{kind}-redis-{role}", seconds * per_event)
+        add(f"{side.name}-{kind}-busiest-master", measured.busiest_master)
 
     with servers(ctx) as chosen, contextlib.ExitStack() as stack:
         sides: dict[str, Side] = {}
@@ -649,7 +659,10 @@ def rows(
             )
         )
     for kind, label in (("project", "workers"), ("raw", "raw loop")):
-        replicas_us = Figure.of(results[f"cluster-{kind}-redis-replica"]).median
+        cpu = {
+            "replicas_cpu_us_per_event": Figure.of(results[f"cluster-{kind}-redis-replica"]).median,
+            "busiest_master_share": Figure.of(results[f"cluster-{kind}-busiest-master"]).median,
+        }
         for what, name, ceiling in (
             ("cpu", f"CPU per event, {label}", "the same, one node"),
             (
@@ -667,7 +680,7 @@ def rows(
                     fig(f"node-{kind}-{what}"),
                     ceiling,
                     better="lower",
-                    extra={**size, "replicas_cpu_us_per_event": replicas_us},
+                    extra={**size, **cpu},
                 )
             )
     reads = {"calls": n_calls, **{k: size[k] for k in ("cluster", "node", "load_average")}}

@@ -99,6 +99,9 @@ def test_bench_runs_on_a_cluster_and_compares_it_with_one_node(
     for name, row in cluster.items():
         if row["unit"] == "events/s" or "CPU" in name:
             assert row["project"]["median"] > 0 and row["ceiling"]["median"] > 0, row
+        if "CPU" in name:  # how the masters' CPU spread: at least an even share each
+            share = row["extra"]["busiest_master_share"]
+            assert 1 / row["extra"]["cluster"]["masters"] - 1e-9 <= share <= 1, row["extra"]
         if name.startswith("projection"):
             assert row["extra"]["failed"] == 0, row["extra"]
             assert row["extra"]["not_applied"] == {"node": 0, "cluster": 0}, row["extra"]
