@@ -201,7 +201,7 @@ def open_side(ctx: Context, name: str, url: str, source: str) -> Side:
     if (name == "cluster") != is_cluster_client(client):
         client.close()
         what = "is not a Redis Cluster node" if name == "cluster" else "is a cluster node"
-        raise RuntimeError(f"{source} {what}: {url}")
+        raise RuntimeError(f"{source} {what}: {mask_url(url)}")
     side = Side(name, source, settings, client)
     if name == "node":
         side.servers = [("master", redis.Redis.from_url(url, decode_responses=True))]
