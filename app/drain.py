@@ -72,7 +72,7 @@ def build_missing_views(worker: Worker, wiring: Wiring, stop: threading.Event) -
         except (AlreadyBuilt, ReplayError, psycopg.OperationalError):
             continue
         if change is not None and worker.repairs is not None:
-            worker.repairs.clear(projection.name, change)
+            worker.repairs.finish(projection, change, worker.partitions, worker.reapply)
         built[projection.name] = {"source": result.source, "events": result.events}
     worker.refresh_status()
     return built

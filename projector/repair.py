@@ -22,18 +22,32 @@ lose the record together with what it is about):
   `partial` (they may have lost entries too, so replays read the log), before its
   transaction commits: a crash in between leaves the id unrecorded, for the next worker.
 
-Repair (`Repairs.run`): the worker that reads a flag with its status (no trip of its own)
-gives its leases back and rebuilds the projection from the PostgreSQL log into a new
-generation (`Replayer`, source `log`): the live generation serves, and other workers keep
-it current, until the switch. Then it removes the flag, only if it still names the same
-change (a second failover meanwhile asks for another rebuild), and re-applies the
-projection's dead letters: a version the lost updates were missing made later events of
-the same aggregates fail their gates, and after `projector_max_deliveries` they were
-dead-lettered; the rebuilt views hold them, so those letters are now applied or already
-applied, and go. Letters that still fail stay as they were. A rebuild that cannot run now
-(PostgreSQL unreachable, another replay holding the lock) is tried again after
-`projector_failover_check_seconds`; a projection being built from scratch meanwhile
-(`Worker.build_missing`) clears a flag raised before its build began.
+Repair (`Repairs.run`): every worker reads the flags with its status (no trip of its own)
+and leaves a flagged projection alone, as it does a paused one: its live generation keeps
+serving, frozen (applying to views that lost updates only piles up gaps), until the
+rebuilt one replaces it. One worker gives its leases back and rebuilds the projection from
+the PostgreSQL log into a new generation (`Replayer`, source `log`; it reads the streams
+to their tails and moves the groups there at the switch). Then `finish`, while the flag
+still keeps the other workers out:
+- it acknowledges every entry still pending in the projection's groups: all were
+  delivered before the switch, so the rebuild applied them (a malformed one, the replay
+  dead-lettered itself). Left pending, one that had failed `projector_max_deliveries`
+  times against the set-back views would be dead-lettered at its next claim without
+  another try;
+- it removes the flag, only if it still names the same change (a second failover
+  meanwhile asks for another rebuild);
+- it re-applies the projection's dead letters: a version the lost updates were missing
+  made later events of the same aggregates fail their gates until they were
+  dead-lettered; the rebuilt views hold them, so those letters are now applied or already
+  applied, and go. Letters that still fail stay as they were.
+A rebuild that cannot run now (PostgreSQL unreachable, another replay holding the lock) is
+tried again after `projector_failover_check_seconds`. A projection whose state was lost
+too (its views must be built from scratch, `Worker.build_missing`) is finished the same
+way after that build, when a flag was raised before it began.
+
+A worker frozen (SIGSTOP, a swap storm) across a whole repair can still file, when it
+wakes, a dead letter of an entry it had claimed before: that letter stays (its event is
+in the views; `cqrs dlq retry` removes it).
 
 Why a rebuild and not a targeted re-apply: the keys of one aggregate's views sit on
 several masters (an order's view, its customer's counters and name copy, the catalog
@@ -197,12 +211,11 @@ class Repairs:
         self,
         projection: Projection,
         change: str,
+        partitions: int,
         stop: threading.Event,
         reapply: Reapply,
     ) -> bool:
-        """Rebuild one flagged projection from the log, clear its flag, re-apply its dead
-        letters; True when done. Needs the caller's leases given back first (the replay
-        waits for every lease of the projection)."""
+        """Rebuild one flagged projection from the log and `finish`; True when done."""
         name = projection.name
         self._next_try[name] = time.monotonic() + self.every
         extra = {**self._log, "projection": name}
@@ -218,27 +231,51 @@ class Repairs:
                 "could not rebuild %s after a failover now (PostgreSQL): %s", name, exc, extra=extra
             )
             return False
-        self.clear(name, change)
-        letters = list_dead_letters(self.redis, self.keys, name)
-        settled = settle_dead_letters(self.redis, self.keys, projection, letters, reapply)
+        acked, settled, letters = self.finish(projection, change, partitions, reapply)
         self.redis.hincrby(self.keys.progress(name), "repairs", 1)
         self.repaired += 1
         log.warning(
             "rebuilt %s from the log after a Redis failover: %d events in %.1fs, generation "
-            "%d; %d of %d dead letter(s) now applied and removed",
+            "%d; %d pending entries acknowledged (the rebuild applied them); %d of %d dead "
+            "letter(s) now applied and removed",
             name,
             result.events,
             result.seconds,
             result.new_generation,
+            acked,
             settled,
-            len(letters),
-            extra={**extra, "events": result.events, "dead_letters_settled": settled},
-        )
+            letters,
+            extra={**extra, "events": result.events, "acknowledged": acked,
+                   "dead_letters_settled": settled},
+        )  # fmt: skip
         return True
 
-    def clear(self, name: str, change: str) -> None:
-        """Remove a projection's flag if it still names `change` (a newer change stays)."""
+    def finish(
+        self, projection: Projection, change: str, partitions: int, reapply: Reapply
+    ) -> tuple[int, int, int]:
+        """After a rebuild that began once the flag was up (module docstring): acknowledge
+        what is pending in the projection's groups, remove the flag if it still names
+        `change`, settle the dead letters. Returns (acknowledged, settled, letters)."""
+        name = projection.name
+        acked = sum(self._ack_pending(self.keys.stream(p), name) for p in range(partitions))
         self.scripts["release_lease"](keys=[self.keys.repair(name)], args=[change])
+        letters = list_dead_letters(self.redis, self.keys, name)
+        settled = settle_dead_letters(self.redis, self.keys, projection, letters, reapply)
+        return acked, settled, len(letters)
+
+    def _ack_pending(self, stream: str, group: str) -> int:
+        acked = 0
+        while True:
+            try:
+                rows = self.redis.xpending_range(stream, group, min="-", max="+", count=1000)
+            except redis.ResponseError:
+                return acked  # no stream or no group: nothing pending
+            if not rows:
+                return acked
+            done = int(self.redis.xack(stream, group, *[row["message_id"] for row in rows]))
+            if not done:
+                return acked  # acknowledged meanwhile by someone else: nothing more to do
+            acked += done
 
 
 def settle_dead_letters(

@@ -238,7 +238,9 @@ class Worker:
                 continue
             if built != projection.version:
                 self.needs_build.add(name)
-            elif not paused:
+            elif not paused and repair is None:
+                # Flagged after a failover: left alone, like a paused one, until it is
+                # rebuilt (projector/repair.py says why).
                 self.active.add(name)
                 self.views[name] = self.keys.views(name, int(state["generation"]))
                 if served is None and not replaying:
@@ -344,7 +346,7 @@ class Worker:
                     "auto", stop=stop, only_if_invalid=True
                 )
                 if change is not None and self.repairs is not None:
-                    self.repairs.clear(name, change)
+                    self.repairs.finish(projection, change, self.partitions, self.reapply)
                 log.info(
                     "built %s from the %s: %d events in %.1fs",
                     name,
@@ -386,12 +388,14 @@ class Worker:
         for projection in self.projections:
             name = projection.name
             change = self.repair_flags.get(name)
-            if change is None or name not in self.active or name in self.rebuilding:
+            if change is None or name in self.rebuilding:
                 continue
+            if name in self.needs_build or name in self.newer:
+                continue  # a build from scratch settles it; a newer release's views
             if stop.is_set() or not self.repairs.due(name):
                 continue
             self.release_all()  # the rebuild's switch waits for every lease of it
-            if self.repairs.run(projection, change, stop, self.reapply):
+            if self.repairs.run(projection, change, self.partitions, stop, self.reapply):
                 ran = True
                 if self.metrics is not None:
                     self.metrics.repaired(name)
@@ -450,7 +454,7 @@ class Worker:
             return []
         slots = list(self.owned.values())
         now = time.monotonic()
-        count = self.settings.projector_batch_size
+        count = self._per_slot_count(len(slots))
         delay = self.settings.projector_retry_delay_ms
         commands = self._status_commands()
         plan: list[tuple[Slot, str]] = []
@@ -464,7 +468,7 @@ class Worker:
                 commands.append(("XPENDING", stream, group, "IDLE", delay, "-", "+", count))
                 commands.append(("XPENDING", stream, group))
                 plan += [(slot, "retry"), (slot, "left")]
-            commands.append(self._xreadgroup(slot))
+            commands.append(self._xreadgroup(slot, count))
             plan.append((slot, "new"))
         results = round_trip(self.redis, commands)
         n_status = _STATUS_COMMANDS * len(self.projections) + 1  # + the partition count
@@ -517,9 +521,18 @@ class Worker:
         # later events in this batch pass their gates.
         return claimed + new
 
-    def _xreadgroup(self, slot: Slot) -> tuple[Any, ...]:
+    def _per_slot_count(self, slots: int) -> int:
+        """Entries one batch reads per slot: `projector_batch_size`, or an equal share of
+        `projector_batch_max` when the worker holds many slots. Leases are renewed between
+        batches, so a batch of every slot's full page (64 slots x 500 = 32,000 entries)
+        could outlast its leases on a loaded machine and hand its slots to another worker
+        midway (seen in the cluster benchmark)."""
+        settings = self.settings
+        return max(1, min(settings.projector_batch_size, settings.projector_batch_max // slots))
+
+    def _xreadgroup(self, slot: Slot, count: int) -> tuple[Any, ...]:
         return ("XREADGROUP", "GROUP", slot.projection.name, self.consumer, "COUNT",
-                self.settings.projector_batch_size, "STREAMS", slot.stream, ">")  # fmt: skip
+                count, "STREAMS", slot.stream, ">")  # fmt: skip
 
     @staticmethod
     def _entries(slot: Slot, result: Any) -> list[Entry]:
@@ -797,8 +810,6 @@ class Worker:
         self.refresh_status()
         if len(self.active) + len(self.newer) < len(self.projections):
             return False  # something is being built or switched
-        if self.repairs is not None and any(n in self.active for n in self.repair_flags):
-            return False  # to be rebuilt after a failover (`repair_views`)
         pipe = self.redis.pipeline(transaction=False)
         pairs = self._all_slots()
         for _projection, partition in pairs:

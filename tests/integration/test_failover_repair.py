@@ -22,6 +22,7 @@ import psycopg
 import pytest
 
 from cqrs.commands import catalog, customers, orders
+from cqrs.keys import partition_of
 from cqrs.projector.deadletters import list_dead_letters
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.repair import Repairs
@@ -30,7 +31,14 @@ from cqrs.projector.worker import Worker
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
 from cqrs.wiring import Wiring
-from tests.integration.projector_support import deploy_projections, differences, drain, run
+from tests.helpers import wait_until
+from tests.integration.projector_support import (
+    deploy_projections,
+    differences,
+    drain,
+    relay_all,
+    run,
+)
 
 
 @pytest.fixture
@@ -103,6 +111,24 @@ def test_a_new_replication_id_rebuilds_the_views_and_settles_their_dead_letters(
             d.fields["type"] for d in list_dead_letters(wiring.redis, wiring.keys, "products")
         ] == ["ProductRenamed"]
         assert differences(wiring)
+        # And the next one failed as often as it may: pending, to be dead-lettered at its
+        # next claim without another try.
+        run(wiring, catalog.RenameProduct(product_id=product, name="Fourth"))
+        relay_all(wiring)
+        stream = wiring.keys.stream(partition_of(product, quick.partitions))
+        failing = _worker(wiring)
+        # Its first reads of the slots it takes are recovery scans; then the new entry.
+        wait_until(lambda: failing.run_once(drain=True), timeout=10, what="the entry read")
+        failing.release_all()
+        [pending] = wiring.redis.xpending_range(stream, "products", "-", "+", 10)
+        wiring.redis.xclaim(
+            stream,
+            "products",
+            "x",
+            0,
+            [pending["message_id"]],
+            retrycount=quick.projector_max_deliveries,
+        )
 
         _pretend_a_failover(wiring)
         worker = drain(wiring)
@@ -110,6 +136,7 @@ def test_a_new_replication_id_rebuilds_the_views_and_settles_their_dead_letters(
         assert worker.repairs is not None and worker.repairs.repaired == len(PROJECTIONS)
         assert differences(wiring) == []
         assert list_dead_letters(wiring.redis, wiring.keys, "products") == []
+        assert wiring.redis.xpending(stream, "products")["pending"] == 0
         for name in PROJECTIONS:
             assert live_generation(wiring.redis, wiring.keys, name) > before[name]
             assert not wiring.redis.exists(wiring.keys.repair(name))
@@ -120,6 +147,7 @@ def test_a_new_replication_id_rebuilds_the_views_and_settles_their_dead_letters(
         # Recorded now: the next worker's check finds nothing to repair.
         again = drain(wiring)
         assert again.repairs is not None and again.repairs.repaired == 0
+        assert list_dead_letters(wiring.redis, wiring.keys, "products") == []
     finally:
         wiring.close()
 
@@ -153,7 +181,9 @@ def test_a_repair_that_cannot_run_now_waits_for_the_next_check(wiring: Wiring) -
     wiring.redis.set(wiring.keys.repair(name), "change-1")
     wiring.redis.set(wiring.keys.replay_lock(name), "someone-else", px=60_000)
 
-    assert not repairs.run(PROJECTIONS[name], "change-1", threading.Event(), worker.reapply)
+    assert not repairs.run(
+        PROJECTIONS[name], "change-1", worker.partitions, threading.Event(), worker.reapply
+    )
 
     assert wiring.redis.get(wiring.keys.repair(name)) == "change-1"
     assert not repairs.due(name)
@@ -161,7 +191,9 @@ def test_a_repair_that_cannot_run_now_waits_for_the_next_check(wiring: Wiring) -
     # A newer change is never cleared by the rebuild of an older one.
     wiring.redis.delete(wiring.keys.replay_lock(name))
     wiring.redis.set(wiring.keys.repair(name), "change-2")
-    assert repairs.run(PROJECTIONS[name], "change-1", threading.Event(), worker.reapply)
+    assert repairs.run(
+        PROJECTIONS[name], "change-1", worker.partitions, threading.Event(), worker.reapply
+    )
     assert wiring.redis.get(wiring.keys.repair(name)) == "change-2"
 
 
