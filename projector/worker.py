@@ -379,9 +379,10 @@ class Worker:
         return ran
 
     def repair_views(self, stop: threading.Event) -> bool:
-        """Rebuild from the log every live projection of ours flagged after a Redis
-        failover (projector/repair.py), at most one try per check interval each; True
-        when one was rebuilt."""
+        """Rebuild from the log every projection of ours flagged after a Redis failover
+        (projector/repair.py) that has views (one without is built from scratch) and
+        that no replay is building, at most one try per check interval each; True when
+        one was rebuilt."""
         if self.repairs is None:
             return False
         ran = False
