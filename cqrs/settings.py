@@ -92,7 +92,20 @@ class Settings(BaseSettings):
     )
 
     projector_batch_size: int = Field(
-        default=500, ge=1, le=10_000, description="stream entries a worker reads per batch"
+        default=500,
+        ge=1,
+        le=10_000,
+        description="stream entries a worker reads per batch from each partition it holds",
+    )
+    projector_batch_max: int = Field(
+        default=5000,
+        ge=1,
+        le=100_000,
+        description=(
+            "most stream entries one batch reads over all the partitions a worker holds "
+            "(each gets an equal share, at most projector_batch_size): a batch's time stays "
+            "well inside the lease, which is renewed between batches"
+        ),
     )
     projector_block_ms: int = Field(
         default=1000, ge=1, description="milliseconds an idle worker waits for new entries"

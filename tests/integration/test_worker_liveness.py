@@ -136,7 +136,7 @@ def test_600_failing_of_1000_pending_are_dead_lettered_and_the_400_applied_in_or
     good_ids = [wiring.redis.xadd(stream, product_created(p, "first")) for p in products]
     good_ids += [wiring.redis.xadd(stream, product_created(p, "second", 2)) for p in products]
     # Worker a reads all 1,000 and dies before applying any: all pending in its name.
-    a = _worker(wiring, "a", projector_batch_size=1000)
+    a = _worker(wiring, "a", projector_batch_size=1000, projector_batch_max=8000)
     a.maintain(drain=True, force=True)
     assert a._read() == []  # a slot taken over scans its (empty) pending list first
     assert len(a._read()) == 1000
@@ -154,6 +154,30 @@ def test_600_failing_of_1000_pending_are_dead_lettered_and_the_400_applied_in_or
         assert wiring.redis.hmget(view.product(p), "name", "version") == ["second", "2"]
     assert b.stats.dead_lettered == 600
     assert wiring.redis.xpending(stream, "products")["pending"] == 0
+
+
+def test_a_batch_over_many_slots_reads_at_most_batch_max_entries_and_drains_them_all(
+    live: Wiring,
+) -> None:
+    """Leases are renewed between batches: a worker holding many slots reads an equal
+    share of `projector_batch_max` from each, not a full page from every one, so a batch
+    stays short; the batches still drain every stream."""
+    wiring = live
+    partitions = wiring.settings.partitions
+    products = [uuid.uuid4() for _ in range(25 * partitions)]
+    for i, p in enumerate(products):
+        wiring.redis.xadd(wiring.keys.stream(i % partitions), product_created(p, "first"))
+    worker = _worker(wiring, "many", projector_batch_size=500, projector_batch_max=16)
+    worker.maintain(drain=True, force=True)
+    assert len(worker.owned) == partitions
+    assert worker._read() == []  # slots taken over scan their (empty) pending lists first
+    per_slot = max(1, 16 // partitions)
+    first = worker._read()
+    assert len(first) == per_slot * partitions <= max(16, partitions)
+    worker.process(first)
+    _drain_in_thread(worker)
+    view = wiring.keys.views("products", 1)
+    assert all(wiring.redis.hget(view.product(p), "name") == "first" for p in products)
 
 
 class GroupDestroyingWorker(Worker):
