@@ -142,6 +142,176 @@ def raw_transactions(database_url: str, total: int, writers: int) -> float:
             c.close()
 
 
+# --- PostgreSQL: an order placement written by hand --------------------------------------
+
+# The project's own tables, copied (constraints, indexes, identity) into a schema of the
+# ceiling's, with the foreign keys the project's rows are checked against: the same rows
+# in the same kind of table, without touching what the relay and the projections read.
+_ORDER_SCHEMA = "bench_orders"
+_ORDER_TABLES = (
+    ("products", "catalog.products"),
+    ("customers", "customers.customers"),
+    ("orders", "orders.orders"),
+    ("order_lines", "orders.order_lines"),
+    ("event_log", "events.event_log"),
+    ("outbox", "events.outbox"),
+)
+_ORDER_FKS = (
+    "ALTER TABLE bench_orders.order_lines ADD FOREIGN KEY (order_id)"
+    " REFERENCES bench_orders.orders (id) ON DELETE CASCADE",
+    "ALTER TABLE bench_orders.outbox ADD FOREIGN KEY (position)"
+    " REFERENCES bench_orders.event_log (position)",
+)
+_O_READ_CUSTOMER = "SELECT name, version FROM bench_orders.customers WHERE id = %s FOR SHARE"
+_O_READ_PRODUCTS = (
+    "SELECT id, name, price, stock, version FROM bench_orders.products"
+    " WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+)
+_O_ORDER = (
+    "INSERT INTO bench_orders.orders (id, customer_id, status, total, placed_at, version)"
+    " VALUES (%s, %s, 'placed', %s, now(), 1)"
+)
+_O_LINE = (
+    "INSERT INTO bench_orders.order_lines (order_id, line_no, product_id, name, unit_price,"
+    " qty, line_total) VALUES (%s, %s, %s, %s, %s, %s, %s)"
+)
+# The stock check twice, as a hand-written service would: the rows are locked, so the
+# Python check decides; the WHERE and the table's CHECK constraint guard the row anyway.
+_O_STOCK = (
+    "UPDATE bench_orders.products SET stock = stock - %s, version = version + 1"
+    " WHERE id = %s AND stock >= %s"
+)
+_O_EVENT = (
+    "WITH e AS (INSERT INTO bench_orders.event_log (event_id, aggregate_type, aggregate_id,"
+    " aggregate_version, partition_key, event_type, schema_version, payload, occurred_at)"
+    " VALUES (%s, %s, %s, %s, %s, %s, 1, %s::jsonb, now()) RETURNING position)"
+    " INSERT INTO bench_orders.outbox (position) SELECT position FROM e"
+)
+
+
+def prepare_order_tables(database_url: str) -> None:
+    """(Re)create the ceiling's copy of the write side's tables, with the project's
+    products and customers in it (the rows the measured orders read and lock)."""
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn, conn.transaction():
+        conn.execute(f"DROP SCHEMA IF EXISTS {_ORDER_SCHEMA} CASCADE")
+        conn.execute(f"CREATE SCHEMA {_ORDER_SCHEMA}")
+        for table, like in _ORDER_TABLES:
+            conn.execute(f"CREATE TABLE {_ORDER_SCHEMA}.{table} (LIKE {like} INCLUDING ALL)")
+        for fk in _ORDER_FKS:
+            conn.execute(fk)
+        conn.execute(f"INSERT INTO {_ORDER_SCHEMA}.products SELECT * FROM catalog.products")
+        conn.execute(f"INSERT INTO {_ORDER_SCHEMA}.customers SELECT * FROM customers.customers")
+
+
+def drop_order_tables(database_url: str) -> None:
+    with psycopg.connect(libpq_url(database_url), autocommit=True) as conn:
+        conn.execute(f"DROP SCHEMA IF EXISTS {_ORDER_SCHEMA} CASCADE")
+
+
+def _place_order_by_hand(
+    conn: psycopg.Connection, customer: uuid.UUID, items: list[tuple[uuid.UUID, int]]
+) -> None:
+    """One order placement: read the customer and lock the products (one round trip),
+    then the order, its lines, the stock updates, an OrderPlaced event and one
+    StockReserved per line with their outbox rows, and COMMIT (a second round trip)."""
+    order_id = uuid.uuid4()
+    with conn.pipeline() as pipe:
+        conn.execute("BEGIN")
+        who = conn.execute(_O_READ_CUSTOMER, (customer,))
+        locked = conn.execute(_O_READ_PRODUCTS, ([p for p, _ in items],))
+        pipe.sync()
+        name, customer_version = who.fetchone()  # type: ignore[misc]
+        products = {row[0]: row for row in locked.fetchall()}
+        lines = []
+        for n, (product_id, qty) in enumerate(items, start=1):
+            _, pname, price, stock, version = products[product_id]
+            if stock < qty:
+                conn.execute("ROLLBACK")
+                raise ValueError("insufficient stock")
+            lines.append((n, product_id, pname, price, qty, price * qty, stock - qty, version))
+        total = sum(line[5] for line in lines)
+        conn.execute(_O_ORDER, (order_id, customer, total))
+        placed = {
+            "customer_id": str(customer),
+            "customer_name": name,
+            "customer_version": customer_version,
+            "lines": [
+                {
+                    "product_id": str(pid),
+                    "name": pname,
+                    "unit_price": str(price),
+                    "qty": qty,
+                    "line_total": str(line_total),
+                }
+                for _, pid, pname, price, qty, line_total, _, _ in lines
+            ],
+            "total": str(total),
+            "placed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
+        events = [(uuid.uuid4(), "order", order_id, 1, customer, "OrderPlaced", json.dumps(placed))]
+        for n, pid, pname, price, qty, line_total, left, version in lines:
+            conn.execute(_O_LINE, (order_id, n, pid, pname, price, qty, line_total))
+            conn.execute(_O_STOCK, (qty, pid, qty))
+            reserved = {
+                "order_id": str(order_id),
+                "qty": qty,
+                "unit_price": str(price),
+                "stock": left,
+            }
+            events.append(
+                (
+                    uuid.uuid4(),
+                    "product",
+                    pid,
+                    version + 1,
+                    pid,
+                    "StockReserved",
+                    json.dumps(reserved),
+                )
+            )
+        for event in events:
+            conn.execute(_O_EVENT, event)
+        conn.execute("COMMIT")
+
+
+def raw_order_placements(
+    database_url: str, orders: list[tuple[uuid.UUID, list[tuple[uuid.UUID, int]]]], writers: int
+) -> float:
+    """Order placements per second over `writers` connections (one thread each), the
+    orders given as (customer, [(product, qty)]) in the order they are taken."""
+    url = libpq_url(database_url)
+    conns = [psycopg.connect(url, autocommit=True) for _ in range(writers)]
+    tickets = iter(orders)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def write(conn: psycopg.Connection) -> None:
+        try:
+            while True:
+                with lock:
+                    order = next(tickets, None)
+                if order is None:
+                    return
+                _place_order_by_hand(conn, *order)
+        except BaseException as exc:
+            errors.append(exc)
+
+    try:
+        started = time.perf_counter()
+        threads = [threading.Thread(target=write, args=(c,)) for c in conns]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        elapsed = time.perf_counter() - started
+        if errors:
+            raise errors[0]
+        return len(orders) / elapsed
+    finally:
+        for c in conns:
+            c.close()
+
+
 # --- Redis: pipelined XADD of the relay's own entries ------------------------------------
 
 

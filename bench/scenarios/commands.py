@@ -6,6 +6,11 @@ over a pool of products with ample stock, so nothing is refused). Each command i
 optimistic version check, event log + outbox rows, NOTIFY, commit. Writers are threads
 sharing one engine, as a web service would. The ceiling is a raw psycopg transaction
 inserting one row and one log row, on as many connections.
+
+The order placement is also measured alone, against the same work written by hand
+(`bench.ceilings.raw_order_placements`: the same orders, the same rows in copies of the
+same tables, raw psycopg in pipeline mode): what the project's guarantees and layers
+cost on its heaviest command.
 """
 
 from __future__ import annotations
@@ -76,6 +81,11 @@ class Shop:
             PlaceOrder(customer_id=rng.choice(self.customers), items=items), self.session_factory
         )
 
+    def order_items(self, rng: random.Random) -> tuple[uuid.UUID, list[tuple[uuid.UUID, int]]]:
+        """A customer and 1-3 distinct products with their quantities."""
+        picked = rng.sample(self.products, rng.randint(1, 3))
+        return rng.choice(self.customers), [(p, rng.randint(1, 3)) for p in picked]
+
     def command(self, rng: random.Random, n: int) -> CommandResult:
         """The n-th command of the mix: even create a product, odd place an order."""
         return self.create_product() if n % 2 == 0 else self.place_order(rng)
@@ -128,6 +138,79 @@ def run_mix(shop: Shop, total: int, writers: int) -> float:
     return total / (time.perf_counter() - started)
 
 
+def run_orders(
+    shop: Shop, orders: list[tuple[uuid.UUID, list[tuple[uuid.UUID, int]]]], writers: int
+) -> float:
+    """Order placements per second through `execute`, the given orders over `writers`
+    threads (the very orders the hand-written ceiling places)."""
+    commands = [
+        PlaceOrder(customer_id=c, items=[OrderItem(product_id=p, qty=q) for p, q in items])
+        for c, items in orders
+    ]
+    tickets = iter(commands)
+    lock = threading.Lock()
+    errors: list[BaseException] = []
+
+    def write() -> None:
+        try:
+            while True:
+                with lock:
+                    command = next(tickets, None)
+                if command is None:
+                    return
+                execute(command, shop.session_factory)
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=write) for _ in range(writers)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - started
+    if errors:
+        raise errors[0]
+    return len(commands) / elapsed
+
+
+def order_rows(ctx: Context, shop: Shop, database_url: str) -> list[Row]:
+    """The order placement alone, project against the hand-written ceiling."""
+    rows = []
+    rng = random.Random(16)
+    ceilings.prepare_order_tables(database_url)
+    try:
+        for writers in (1, 8):
+            total = ctx.size(40, 1000) * (1 if writers == 1 else 2)
+            warm = [shop.order_items(rng) for _ in range(writers * 10)]
+            run_orders(shop, warm, writers)
+            ceilings.raw_order_placements(database_url, warm, writers)
+            project, ceiling = [], []
+            for rep in range(ctx.repeat):
+                orders = [shop.order_items(rng) for _ in range(total)]
+                project.append(run_orders(shop, orders, writers))
+                ceiling.append(ceilings.raw_order_placements(database_url, orders, writers))
+                ctx.say(
+                    f"  order placement, {writers} writer(s), rep {rep + 1}: "
+                    f"{project[-1]:.0f}/s vs by hand {ceiling[-1]:.0f}/s"
+                )
+            rows.append(
+                Row(
+                    "commands",
+                    f"order placement, {writers} writer{'s' if writers > 1 else ''}",
+                    "orders/s",
+                    Figure.of(project),
+                    Figure.of(ceiling),
+                    f"order placement by hand (raw psycopg pipeline, same rows), {writers} conn",
+                    target=0.8 if writers == 1 else None,
+                    extra={"orders": total, "lines": "1-3 per order"},
+                )
+            )
+    finally:
+        ceilings.drop_order_tables(database_url)
+    return rows
+
+
 def run(ctx: Context) -> list[Row]:
     rows = []
     with ctx.backend.scope("commands") as settings:
@@ -166,6 +249,7 @@ def run(ctx: Context) -> list[Row]:
                         extra={"commands": total, "mix": "create product / place order 1:1"},
                     )
                 )
+            rows += order_rows(ctx, shop, settings.database_url or "")
         finally:
             engine.dispose()
     return rows
