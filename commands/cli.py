@@ -14,7 +14,7 @@ from pydantic import BaseModel, ValidationError
 from sqlalchemy.exc import OperationalError
 
 from cqrs.cli import fail_unreachable, load_settings
-from cqrs.commands import catalog, customers, orders
+from cqrs.commands import catalog, customers, notify, orders
 from cqrs.commands.db import make_session_factory
 from cqrs.commands.errors import CommandRejected
 from cqrs.commands.handlers import execute
@@ -59,6 +59,8 @@ def run_command(
     try:
         ensure_schema(wiring.engine)
         result = execute(command, make_session_factory(wiring.engine))
+        # A wake-up sent after commit must leave before this short-lived process does.
+        notify.flush(wiring.engine)
         if settings.publish_on_commit:
             _publish_now(wiring)
     except CommandRejected as exc:

@@ -37,6 +37,7 @@ from sqlalchemy.engine.interfaces import PoolProxiedConnection
 from sqlalchemy.orm import sessionmaker
 
 from cqrs.commands.errors import CommandRejected, StaleVersion
+from cqrs.commands.notify import notifier_for
 from cqrs.eventlog import NOTIFY_CHANNEL
 from cqrs.events import SCHEMA_VERSION, EventEnvelope, Payload, payload_json
 
@@ -65,7 +66,7 @@ def json_text(value: Any) -> str:
 
 
 @cache
-def _commit_sql(writes: tuple[tuple[str, bool], ...]) -> str:
+def _commit_sql(writes: tuple[tuple[str, bool], ...], notify: bool = True) -> str:
     """One statement for the whole state change: the command's writes as data-modifying
     CTEs (each `(sql, counted)`; a counted one reports how many rows it matched), the
     events appended to the log, their outbox rows, and the relay's wake-up.
@@ -74,13 +75,15 @@ def _commit_sql(writes: tuple[tuple[str, bool], ...]) -> str:
     (outbox -> log, order lines -> order) are checked at the end of the statement. NOTIFY
     is delivered only when (and if) the transaction commits, so the relay never wakes for
     an event that is not visible yet; PostgreSQL folds the identical notifications of one
-    transaction into one."""
+    transaction into one. Without `notify` the wake-up is sent after COMMIT instead
+    (`cqrs.commands.notify`)."""
     ctes = [
         f"w{n} AS ({sql}{' RETURNING 1' if counted else ''})"
         for n, (sql, counted) in enumerate(writes)
     ]
     counts = [f"(SELECT count(*) FROM w{n})" for n, (_, counted) in enumerate(writes) if counted]
-    columns = ", ".join(["a.event_id", "a.position", f"pg_notify('{NOTIFY_CHANNEL}', '')", *counts])
+    wake = [f"pg_notify('{NOTIFY_CHANNEL}', '')"] if notify else ["NULL"]
+    columns = ", ".join(["a.event_id", "a.position", *wake, *counts])
     return f"WITH {', '.join([*ctes, _APPENDED, _QUEUED])} SELECT {columns} FROM appended AS a"
 
 
@@ -130,6 +133,7 @@ class UnitOfWork:
 
     def __init__(self, session_factory: sessionmaker | Engine) -> None:
         self.engine = engine_of(session_factory)
+        self._notifier = notifier_for(self.engine)
         self.events: list[_Recorded] = []
         self._writes: list[tuple[str, bool]] = []
         self._write_params: list[Any] = []
@@ -286,7 +290,8 @@ class UnitOfWork:
             for e in self.events
         ]
         appended = self.send(
-            _commit_sql(tuple(self._writes)), [*self._write_params, json_text(docs)]
+            _commit_sql(tuple(self._writes), self._notifier is None),
+            [*self._write_params, json_text(docs)],
         )
         self._end_pipeline()
         rows = appended.fetchall()
@@ -300,6 +305,8 @@ class UnitOfWork:
         positions = {row[0]: row[1] for row in rows}
         self.session.commit()
         self._committed = True
+        if self._notifier is not None:
+            self._notifier.poke()
         return [
             EventEnvelope(
                 event_id=e.event_id,

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     publish_on_commit: bool = Field(
         default=True, description="CLI writes publish their events right after commit"
     )
+    commit_notify: Literal["in-transaction", "after-commit", "after-commit-sync"] = Field(
+        default="in-transaction",
+        description="how a command wakes the relay: `in-transaction` (`pg_notify` in the "
+        "command's statement; PostgreSQL then serialises concurrent commits), "
+        "`after-commit` (a per-process background thread sends one NOTIFY per burst of "
+        "commits on its own connection) or `after-commit-sync` (the same, sent by the "
+        "committing thread before the command returns); after a commit, a process killed "
+        "before its NOTIFY leaves the events to the relay's poll (docs/benchmarks.md, "
+        "Round 2: commands)",
+    )
     relay_batch_size: int = Field(
         default=2000, ge=1, le=10_000, description="events the relay publishes per pass"
     )
@@ -182,6 +192,11 @@ class Settings(BaseSettings):
         gt=0,
         description="seconds a `cqrs serve` request waits for a free Redis connection "
         "before 503 busy with Retry-After",
+    )
+    http_access_log: bool = Field(
+        default=False,
+        description="`cqrs serve` logs one line per request (uvicorn's access log, at info); "
+        "off by default: a line costs ~65 us, a fifth of a get-by-id (docs/benchmarks.md)",
     )
 
     # Reads from replicas (docs/scaling.md, "Reads from replicas").
