@@ -10,18 +10,22 @@ identity map, version bookkeeping) cost more Python per command than the round t
 sent every statement in its own round trip (figures: docs/benchmarks.md, "Costs the
 code's comments rely on").
 Here the statements of a command are queued in psycopg's pipeline mode and travel
-together: a product create is one round trip plus COMMIT, an order placement two plus
-COMMIT (its reads, then all its writes). The connection still comes from the engine's
-pool, so pooling, pre-ping and disposal stay SQLAlchemy's.
+together: a product create is one round trip with its COMMIT, an order placement two (its
+reads, then all its writes with the COMMIT), a rename two plus COMMIT (its row count is
+checked in Python). The connection still comes from the engine's pool, so pooling,
+pre-ping and disposal stay SQLAlchemy's.
 
 Optimistic concurrency is explicit: an UPDATE of a row read earlier carries
 `AND version = <read>` and is registered with `expect_rows`; a row count other than the
-expected one raises `StaleVersion` before COMMIT, and the command bus retries.
+expected one raises `StaleVersion` before anything commits, and the command bus retries.
+A write counted in the command's statement (`write(..., expect_rows=)`) is checked by the
+statement itself, which fails and so aborts the COMMIT queued behind it.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -56,6 +60,10 @@ _APPENDED = (
     " FROM ROWS FROM (jsonb_populate_recordset(NULL::events.event_log, %s::jsonb))"
     " WITH ORDINALITY AS e ORDER BY e.ordinality RETURNING event_id, position)"
 )
+# The text of the cast error a failed row-count check raises (see `_commit_sql`).
+STALE_MARK = "cqrs-stale-version"
+_STALE_RE = re.compile(STALE_MARK + r" (\d+)")
+
 _QUEUED = "queued AS (INSERT INTO events.outbox (position) SELECT position FROM appended)"
 
 
@@ -68,8 +76,8 @@ def json_text(value: Any) -> str:
 @cache
 def _commit_sql(writes: tuple[tuple[str, bool], ...], notify: bool = True) -> str:
     """One statement for the whole state change: the command's writes as data-modifying
-    CTEs (each `(sql, counted)`; a counted one reports how many rows it matched), the
-    events appended to the log, their outbox rows, and the relay's wake-up.
+    CTEs (each `(sql, counted)`; a counted one is checked against its expected row count),
+    the events appended to the log, their outbox rows, and the relay's wake-up.
 
     All parts run in one snapshot and succeed or fail together; foreign keys between them
     (outbox -> log, order lines -> order) are checked at the end of the statement. NOTIFY
@@ -81,9 +89,17 @@ def _commit_sql(writes: tuple[tuple[str, bool], ...], notify: bool = True) -> st
         f"w{n} AS ({sql}{' RETURNING 1' if counted else ''})"
         for n, (sql, counted) in enumerate(writes)
     ]
-    counts = [f"(SELECT count(*) FROM w{n})" for n, (_, counted) in enumerate(writes) if counted]
-    wake = [f"pg_notify('{NOTIFY_CHANNEL}', '')"] if notify else ["NULL"]
-    columns = ", ".join(["a.event_id", "a.position", *wake, *counts])
+    # A counted write that matched another number of rows than expected (one parameter
+    # each, after the events') fails the statement with a marked cast error, so COMMIT can
+    # travel in the same round trip: a failed statement aborts the COMMIT queued behind it.
+    # The CASE is not constant, so the planner cannot fold the cast ahead of time.
+    checks = [
+        f"CAST(CASE WHEN (SELECT count(*) FROM w{n}) <> %s::bigint"
+        f" THEN '{STALE_MARK} {k}' END AS integer)"
+        for k, n in enumerate(n for n, (_, counted) in enumerate(writes) if counted)
+    ]
+    wake = [f"pg_notify('{NOTIFY_CHANNEL}', '')"] if notify else []
+    columns = ", ".join(["a.event_id", "a.position", *wake, *checks])
     return f"WITH {', '.join([*ctes, _APPENDED, _QUEUED])} SELECT {columns} FROM appended AS a"
 
 
@@ -107,7 +123,12 @@ class WriteSession:
         self.connection = connection
 
     def commit(self) -> None:
-        self.connection.commit()
+        if self.connection.info.pipeline_status != psycopg.pq.PipelineStatus.OFF:
+            # Queued behind the command's statement (already sent, so its rows are
+            # written and its positions taken): both travel in one round trip.
+            self.connection.execute("COMMIT")
+        else:
+            self.connection.commit()
 
     def rollback(self) -> None:
         self.connection.rollback()
@@ -272,7 +293,8 @@ class UnitOfWork:
         return stored
 
     def commit(self) -> list[EventEnvelope]:
-        """Send the writes and the events in one statement, check the row counts, COMMIT."""
+        """Send the writes and the events in one statement and COMMIT behind it (in the same
+        round trip unless rows counted by earlier statements must be checked first)."""
         if not self.events:
             raise ValueError("a command must record at least one event")
         docs = [
@@ -291,20 +313,28 @@ class UnitOfWork:
         ]
         appended = self.send(
             _commit_sql(tuple(self._writes), self._notifier is None),
-            [*self._write_params, json_text(docs)],
+            [*self._write_params, json_text(docs), *(n for n, _ in self._expected)],
         )
-        self._end_pipeline()
-        rows = appended.fetchall()
-        counts = rows[0][3:]
-        for (expected, what), count in zip(self._expected, counts, strict=True):
-            if count != expected:
-                raise StaleVersion(f"{what} changed concurrently")
-        for cursor, expected, what in self._checks:
-            if cursor.rowcount != expected:
-                raise StaleVersion(f"{what} changed concurrently")
-        positions = {row[0]: row[1] for row in rows}
-        self.session.commit()
+        try:
+            if self._checks:
+                # Row counts of statements sent earlier are known once they come back:
+                # one round trip for the statement, another for COMMIT.
+                self._end_pipeline()
+                for cursor, expected, what in self._checks:
+                    if cursor.rowcount != expected:
+                        raise StaleVersion(f"{what} changed concurrently")
+                self.session.commit()
+            else:
+                self.session.commit()
+                self._end_pipeline()
+        except pg_errors.InvalidTextRepresentation as exc:
+            stale = _STALE_RE.search(exc.diag.message_primary or "")
+            if stale is None:
+                raise
+            what = self._expected[int(stale.group(1))][1]
+            raise StaleVersion(f"{what} changed concurrently") from exc
         self._committed = True
+        positions = {row[0]: row[1] for row in appended.fetchall()}
         if self._notifier is not None:
             self._notifier.poke()
         return [

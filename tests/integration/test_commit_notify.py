@@ -55,7 +55,9 @@ def test_a_commit_wakes_the_relay_in_every_mode(
         if mode == "in-transaction":
             assert notifier is None
         else:
-            assert notifier is not None and notifier.sent >= 1
+            assert notifier is not None
+            assert notify.flush(wiring.engine, timeout=10)
+            assert notifier.sent >= 1
             assert received[0].pid == notifier._conn.info.backend_pid  # type: ignore[union-attr]
         # The wake-up never precedes the commit: the event is visible when it arrives.
         seen = listener.execute(
