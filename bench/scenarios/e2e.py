@@ -44,6 +44,9 @@ from cqrs.tuning import tune_gc
 from cqrs.wiring import Wiring, make_engine, make_redis
 
 RATES = (200, 500)
+# Issue 16: (rate, percentile) -> the most the project may take, as a ratio to the raw
+# chain's same percentile measured in the same run (absolute times move with the machine).
+TARGETS: dict[tuple[int, int], float] = {(500, 50): 2.5, (500, 99): 3.0, (200, 99): 2.5}
 WRITER_PROCESSES = 2
 THREADS_PER_WRITER = 2
 
@@ -275,7 +278,7 @@ def run(ctx: Context) -> list[Row]:
         ):
             achieved = Figure.of(results[f"{variant}-{rate}-rate"]).median
             for q in (50, 95, 99):
-                goal = {50: 2.0, 99: 3.0}.get(q) if rate == 500 else None
+                goal = TARGETS.get((rate, q))
                 rows.append(
                     Row(
                         "e2e",
@@ -285,7 +288,7 @@ def run(ctx: Context) -> list[Row]:
                         Figure.of(results[f"chain-{rate}-p{q}"]),
                         f"raw chain p{q}",
                         better="lower",
-                        absolute_target=goal,
+                        target=goal,
                         extra={
                             "rate": rate,
                             "achieved_rate": achieved,

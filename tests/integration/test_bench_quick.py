@@ -123,7 +123,10 @@ def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_pat
             figure = row[side]
             assert figure["min"] <= figure["median"] <= figure["max"], row
         assert row["ceiling"]["name"], row
-    assert found == EXPECTED
+    # commands' rows grow with the write side's modes (another engineer's file): the base
+    # rows must be there; every other scenario's rows are exactly these.
+    assert EXPECTED["commands"] <= found.pop("commands", set())
+    assert found == {k: v for k, v in EXPECTED.items() if k != "commands"}
 
     # The table on stdout has the same rows, each with its ratio.
     for row in rows:
@@ -133,6 +136,25 @@ def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_pat
             if f"| {row['scenario']} | {row['name']} |" in line
         )
         assert f"{row['ratio']:.2f}x" in line
+
+    # e2e's targets are ratios to the raw chain of the same run (issue 16), printed ok/MISSED.
+    e2e_targets = {
+        row["name"]: row["target"]
+        for row in rows
+        if row["scenario"] == "e2e" and row["target"] is not None
+    }
+    assert e2e_targets == {
+        f"{variant} @{rate}/s p{q}": goal
+        for variant in ("relay woken by NOTIFY", "publish after commit + relay")
+        for (rate, q), goal in {(500, 50): 2.5, (500, 99): 3.0, (200, 99): 2.5}.items()
+    }
+    for row in rows:
+        if row["scenario"] == "e2e":
+            assert row["absolute_target"] is None, row
+            if row["target"] is not None:
+                line = next(x for x in result.stdout.splitlines() if f"| {row['name']} |" in x)
+                verdict = "ok" if row["met"] else "MISSED"
+                assert line.endswith(f"<= {row['target']:g}x {verdict} |"), line
 
     # Nothing left behind: the scratch database is dropped, the namespaces are empty.
     assert report["scratch"]["database"] not in _bench_databases(backend.database_url)
@@ -154,9 +176,14 @@ def test_stage_probe_times_every_stage_and_leaves_nothing(backend: Backend, tmp_
         for line in result.stdout.splitlines()
         if line.startswith("| ") and not line.startswith("| stage")
     }
-    assert set(stages) == {"command", "relay pass", "projector batch", "query check", "sum"}
-    for median, p90, p99 in stages.values():
-        assert 0 < median <= p90 <= p99, result.stdout
+    services = {"command", "relay pass", "projector batch", "query check", "sum"}
+    wakeups = {"relay wake-up", "projector wake-up", "applied wake-up"}
+    assert set(stages) == services | wakeups
+    for stage, (median, p90, p99) in stages.items():
+        assert median <= p90 <= p99, result.stdout
+        # A wake-up may be measured slightly negative (the NOTIFY reaches the listener
+        # while the committer still returns); a stage's service time never is.
+        assert median > 0 if stage in services else p99 > 0, result.stdout
     assert _bench_databases(backend.database_url) == before
 
     bad = _stages(env, 3)
