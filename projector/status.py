@@ -176,9 +176,10 @@ def projection_status(
     pipe.zrange(keys.workers(name), 0, -1, withscores=True)
     pipe.xlen(keys.dead_letters(name))
     pipe.hgetall(keys.progress(name))
+    pipe.get(keys.repair(name))
     replies = pipe.execute()
     server_time = client.time() if cluster else replies.pop(0)
-    generation, state, replaying, pause_ms, beats, dead, progress = replies
+    generation, state, replaying, pause_ms, beats, dead, progress, repair = replies
     local_ms = time.time() * 1000  # heartbeats and progress carry the workers' clocks
     redis_ms = server_time[0] * 1000 + server_time[1] / 1000  # entry ids carry Redis's
 
@@ -220,6 +221,7 @@ def projection_status(
         recorded_version=recorded_version,
         replaying=bool(replaying),
         pause_ms=int(pause_ms),
+        repair=repair,
     )
     # Rebuilding or broken (`status` set): lag and stalls say nothing more about it.
     stuck = progress.get("stuck")
@@ -283,6 +285,7 @@ def _setup_state(
     recorded_version: int | None,
     replaying: bool,
     pause_ms: int,
+    repair: str | None = None,
 ) -> tuple[str, str]:
     """("rebuilding" or "broken", why) when the projection's views are not in their live
     state, else ("", ""). Each reason says what is missing and what will happen, as the
@@ -290,9 +293,17 @@ def _setup_state(
 
     `served`: the generation queries read (`<ns>:gen:<projection>`, 0 when missing);
     `recorded`: the generation the state hash records, which live workers write (0: none);
-    `pause_ms`: PTTL of the pause flag (negative when absent)."""
+    `pause_ms`: PTTL of the pause flag (negative when absent); `repair`: the failover
+    repair flag (`projector.repair`), None when absent."""
     name, code = projection.name, projection.version
     gen_key, state_key = keys.generation(name), keys.projection_state(name)
+    if repair is not None:
+        doing = "a replay is rebuilding it now" if replaying else "a worker rebuilds it"
+        return REBUILDING, (
+            f"a Redis master's history changed (failover or restart without its data: {repair}),"
+            f" so views may miss acknowledged updates: {doing} from the log; generation "
+            f"{served} keeps serving, without new events, until the switch"
+        )
     if replaying:
         serving = (
             f"generation {served} keeps serving meanwhile"

@@ -27,6 +27,7 @@ from cqrs.projector.deadletters import list_dead_letters
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.projector.repair import Repairs
 from cqrs.projector.state import live_generation
+from cqrs.projector.status import REBUILDING, projection_status
 from cqrs.projector.worker import Worker
 from cqrs.settings import Settings
 from cqrs.urls import libpq_url
@@ -186,6 +187,12 @@ def test_a_repair_that_cannot_run_now_waits_for_the_next_check(wiring: Wiring) -
     )
 
     assert wiring.redis.get(wiring.keys.repair(name)) == "change-1"
+    # `cqrs status` says why the projection does not move, not "stalled".
+    status = projection_status(
+        wiring.redis, wiring.keys, wiring.settings, PROJECTIONS[name], worker.partitions
+    )
+    assert status.state == REBUILDING, status
+    assert "history changed" in status.reason and "change-1" in status.reason
     assert not repairs.due(name)
     assert repairs.due(name, now=time_after(wiring.settings.projector_failover_check_seconds))
     # A newer change is never cleared by the rebuild of an older one.
