@@ -3,10 +3,11 @@
 Views come from a synthetic history projected by the real worker. The Python API is
 `queries.QueryService.get_product` / `get_order` (one round trip: live generation +
 HGETALL, then the pydantic view); its ceiling is a raw HGETALL of the same key with
-redis-py. The HTTP API is `cqrs serve` (FastAPI under uvicorn, access log on as deployed)
-asked by one keep-alive httpx client; its ceiling is a bare ASGI app under the same
-uvicorn answering one HGETALL as JSON (bench.rawhttp), which logs no access lines, so
-the API is also measured with its access log off (`CQRS_LOG_LEVEL=warning`).
+redis-py. The HTTP API is `cqrs serve` (FastAPI under uvicorn, as deployed: no access
+log, the default since issue 16) asked by one keep-alive httpx client; its ceiling is a
+bare ASGI app under the same uvicorn answering one HGETALL as JSON (bench.rawhttp), which
+logs no access lines either. The API is also measured with its access log on
+(`CQRS_HTTP_ACCESS_LOG=true`), to show what a line costs.
 
 The project and its ceiling take turns on the same ids (the Python API call by call, the
 HTTP servers every HTTP_BLOCK requests): on a shared machine a burst of load then lands
@@ -139,7 +140,7 @@ def run(ctx: Context) -> list[Row]:
             "order": history.orders[: max(len(history.orders), 1)],
         }
         env = {k: v for k, v in os.environ.items() if not k.startswith(("CQRS_", "BENCH_"))}
-        api_port, quiet_port, raw_port = free_port(), free_port(), free_port()
+        api_port, logged_port, raw_port = free_port(), free_port(), free_port()
         api_env = {
             **env,
             "CQRS_REDIS_URL": settings.redis_url or "",
@@ -151,15 +152,15 @@ def run(ctx: Context) -> list[Row]:
             "BENCH_RAW_PREFIX": views["orders"].prefix,
         }
         api_args = ["-m", "cqrs.app", "serve", "--port", str(api_port)]
-        quiet_args = ["-m", "cqrs.app", "serve", "--port", str(quiet_port)]
+        logged_args = ["-m", "cqrs.app", "serve", "--port", str(logged_port)]
         raw_args = ["-m", "uvicorn", "bench.rawhttp:app", "--port", str(raw_port)]
         raw_args += ["--host", "127.0.0.1", "--log-level", "warning"]
         with (
             server(api_args, api_env, api_port) as api,
-            server(quiet_args, {**api_env, "CQRS_LOG_LEVEL": "warning"}, quiet_port) as quiet,
+            server(logged_args, {**api_env, "CQRS_HTTP_ACCESS_LOG": "true"}, logged_port) as logged,
             server(raw_args, raw_env, raw_port) as raw,
             httpx.Client(base_url=api, timeout=60) as api_http,
-            httpx.Client(base_url=quiet, timeout=60) as quiet_http,
+            httpx.Client(base_url=logged, timeout=60) as logged_http,
             httpx.Client(base_url=raw, timeout=60) as raw_http,
         ):
             for rep in range(ctx.repeat):
@@ -184,7 +185,7 @@ def run(ctx: Context) -> list[Row]:
                         name: lambda i, h=http: h.get(f"/orders/{i}").raise_for_status()
                         for name, http in (
                             ("http", api_http),
-                            ("quiethttp", quiet_http),
+                            ("loghttp", logged_http),
                             ("rawhttp", raw_http),
                         )
                     },
@@ -199,8 +200,8 @@ def run(ctx: Context) -> list[Row]:
                 ctx.say(
                     f"  queries rep {rep + 1}: order p99 {results['py-order-p99'][-1] * 1e6:.0f}us "
                     f"vs HGETALL {results['raw-order-p99'][-1] * 1e6:.0f}us; HTTP p99 "
-                    f"{results['http-p99'][-1] * 1e6:.0f}us (no access log "
-                    f"{results['quiethttp-p99'][-1] * 1e6:.0f}us) vs bare ASGI "
+                    f"{results['http-p99'][-1] * 1e6:.0f}us (access log on "
+                    f"{results['loghttp-p99'][-1] * 1e6:.0f}us) vs bare ASGI "
                     f"{results['rawhttp-p99'][-1] * 1e6:.0f}us"
                 )
         client.close()
@@ -250,6 +251,7 @@ def run(ctx: Context) -> list[Row]:
                 us(f"rawhttp-{q}"),
                 f"bare ASGI + HGETALL {q} (raw HGETALL {q}: {us(f'raw-order-{q}').median:.0f} us)",
                 better="lower",
+                target=1.2 if q == "p50" else None,  # issue 16
                 extra=size,
             )
         )
@@ -257,9 +259,9 @@ def run(ctx: Context) -> list[Row]:
         rows.append(
             Row(
                 "queries",
-                f"get order {q}, HTTP API, access log off",
+                f"get order {q}, HTTP API, access log on",
                 "us",
-                us(f"quiethttp-{q}"),
+                us(f"loghttp-{q}"),
                 us(f"rawhttp-{q}"),
                 f"bare ASGI + HGETALL {q}",
                 better="lower",

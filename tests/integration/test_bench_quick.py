@@ -45,8 +45,8 @@ EXPECTED = {
         "get order keys/s, Python API",
         "get order p50, HTTP API",
         "get order p99, HTTP API",
-        "get order p50, HTTP API, access log off",
-        "get order p99, HTTP API, access log off",
+        "get order p50, HTTP API, access log on",
+        "get order p99, HTTP API, access log on",
         "get order keys/s, HTTP API",
     },
     "rebuild": {
