@@ -1,5 +1,5 @@
 """`python -m cqrs.app`: the `cqrs` command."""
 
-from cqrs.app.cli import main
+from cqrs.app.entry import main
 
 main()
