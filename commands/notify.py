@@ -17,6 +17,11 @@ the events to the relay's poll (`CQRS_RELAY_POLL_SECONDS`), the safety net it al
 a NOTIFY that fails is logged and dropped for the same reason. A short-lived process
 calls `flush()` before it exits (the CLI does; an `atexit` hook is the fallback).
 
+`auto`: in the transaction while the command is the only one of this process in flight
+(nothing in the process to queue behind it, and no second transaction for the NOTIFY),
+after commit from the background thread when others are (their commits then share WAL
+flushes and one NOTIFY covers the burst). Measured: docs/benchmarks.md.
+
 The relay needs no change: it LISTENs on the same channel and does not care who sent it.
 """
 
@@ -36,8 +41,8 @@ from cqrs.urls import libpq_url
 
 log = logging.getLogger(__name__)
 
-Mode = Literal["in-transaction", "after-commit", "after-commit-sync"]
-MODES: tuple[Mode, ...] = ("in-transaction", "after-commit", "after-commit-sync")
+Mode = Literal["auto", "in-transaction", "after-commit", "after-commit-sync"]
+MODES: tuple[Mode, ...] = ("auto", "in-transaction", "after-commit", "after-commit-sync")
 
 # How long `flush()` waits by default: a NOTIFY is one round trip; a server that does not
 # answer in this time is left to the relay's poll rather than holding a CLI's exit.
@@ -49,9 +54,11 @@ IDLE_SECONDS = 10.0
 class Notifier:
     """One process's sender of the relay's wake-up, for one database."""
 
-    def __init__(self, database_url: str, *, background: bool) -> None:
+    def __init__(self, database_url: str, *, background: bool, adaptive: bool = False) -> None:
         self.database_url = database_url
         self.background = background
+        self.adaptive = adaptive
+        self._active = 0  # units of work in flight on this engine (adaptive only)
         self._lock = threading.Lock()  # guards the counters and the thread
         self._send_lock = threading.Lock()  # guards the connection: one send at a time
         self._done = threading.Condition(threading.Lock())
@@ -66,6 +73,20 @@ class Notifier:
         self.failures = 0
 
     # --- the committing side ------------------------------------------------------------
+
+    def enter(self) -> None:
+        """A unit of work starts (adaptive mode counts them)."""
+        with self._lock:
+            self._active += 1
+
+    def leave(self) -> None:
+        with self._lock:
+            self._active -= 1
+
+    def in_transaction(self) -> bool:
+        """Whether the committing command should notify inside its own transaction:
+        adaptive mode, and no other command of this process in flight."""
+        return self.adaptive and self._active <= 1
 
     def poke(self) -> None:
         """A command has just committed: make sure a NOTIFY is sent after this moment."""
@@ -210,7 +231,9 @@ def notifier_for(engine: Engine) -> Notifier | None:
         notifier = _notifiers.get(engine)
         if notifier is None:
             url = engine.url.render_as_string(hide_password=False)
-            notifier = Notifier(url, background=mode == "after-commit")
+            notifier = Notifier(
+                url, background=mode != "after-commit-sync", adaptive=mode == "auto"
+            )
             _notifiers[engine] = notifier
     return notifier
 

@@ -155,6 +155,7 @@ class UnitOfWork:
     def __init__(self, session_factory: sessionmaker | Engine) -> None:
         self.engine = engine_of(session_factory)
         self._notifier = notifier_for(self.engine)
+        self._counted = False
         self.events: list[_Recorded] = []
         self._writes: list[tuple[str, bool]] = []
         self._write_params: list[Any] = []
@@ -166,7 +167,14 @@ class UnitOfWork:
         self._pipeline: psycopg.Pipeline | None = None
 
     def __enter__(self) -> Self:
-        self._pooled: PoolProxiedConnection = self.engine.raw_connection()
+        if self._notifier is not None and self._notifier.adaptive:
+            self._notifier.enter()
+            self._counted = True
+        try:
+            self._pooled: PoolProxiedConnection = self.engine.raw_connection()
+        except BaseException:
+            self._leave()
+            raise
         try:
             conn: psycopg.Connection[Any] = self._pooled.driver_connection  # type: ignore[assignment]
             conn.autocommit = True
@@ -204,7 +212,13 @@ class UnitOfWork:
             if rejection is not None and detail in (exc.diag.message_detail or ""):
                 raise rejection from exc
 
+    def _leave(self) -> None:
+        if self._counted:
+            self._counted = False
+            self._notifier.leave()  # type: ignore[union-attr]
+
     def _release(self, *, broken: bool) -> None:
+        self._leave()
         conn = getattr(self, "connection", None)
         if conn is not None and not broken and not conn.broken:
             try:
@@ -311,8 +325,10 @@ class UnitOfWork:
             }
             for e in self.events
         ]
+        notifier = self._notifier
+        in_transaction = notifier is None or notifier.in_transaction()
         appended = self.send(
-            _commit_sql(tuple(self._writes), self._notifier is None),
+            _commit_sql(tuple(self._writes), in_transaction),
             [*self._write_params, json_text(docs), *(n for n, _ in self._expected)],
         )
         try:
@@ -335,8 +351,8 @@ class UnitOfWork:
             raise StaleVersion(f"{what} changed concurrently") from exc
         self._committed = True
         positions = {row[0]: row[1] for row in appended.fetchall()}
-        if self._notifier is not None:
-            self._notifier.poke()
+        if not in_transaction:
+            notifier.poke()  # type: ignore[union-attr]
         return [
             EventEnvelope(
                 event_id=e.event_id,

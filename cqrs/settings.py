@@ -75,9 +75,11 @@ class Settings(BaseSettings):
     publish_on_commit: bool = Field(
         default=True, description="CLI writes publish their events right after commit"
     )
-    commit_notify: Literal["in-transaction", "after-commit", "after-commit-sync"] = Field(
+    commit_notify: Literal["auto", "in-transaction", "after-commit", "after-commit-sync"] = Field(
         default="in-transaction",
-        description="how a command wakes the relay: `in-transaction` (`pg_notify` in the "
+        description="how a command wakes the relay: `auto` (in the transaction while it is "
+        "the process's only command in flight, else after commit as `after-commit`), "
+        "`in-transaction` (`pg_notify` in the "
         "command's statement; PostgreSQL then serialises concurrent commits), "
         "`after-commit` (a per-process background thread sends one NOTIFY per burst of "
         "commits on its own connection) or `after-commit-sync` (the same, sent by the "

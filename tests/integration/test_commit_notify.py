@@ -54,6 +54,10 @@ def test_a_commit_wakes_the_relay_in_every_mode(
         notifier = notify.notifier_for(wiring.engine)
         if mode == "in-transaction":
             assert notifier is None
+        elif mode == "auto":  # alone in its process: inside its own transaction
+            assert notifier is not None
+            assert notify.flush(wiring.engine, timeout=10)
+            assert notifier.sent == 0
         else:
             assert notifier is not None
             assert notify.flush(wiring.engine, timeout=10)
@@ -99,6 +103,7 @@ def test_a_burst_of_commits_coalesces_into_fewer_notifies(wiring: Wiring, sf: se
     assert notify.flush(wiring.engine, timeout=10)
     assert 1 <= notifier.sent < 80
     assert notifier.failures == 0
+    assert notifier._active == 0  # every unit of work left, whatever its outcome
 
 
 @pytest.mark.parametrize("background", [True, False])
