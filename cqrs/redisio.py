@@ -253,11 +253,10 @@ def cluster_round_trip(client: Any, commands: list[tuple[Any, ...]]) -> list[Any
 
     MOVED/ASK/TRYAGAIN/CLUSTERDOWN replies and connection errors (a master died, its
     replica not yet promoted) refresh the slot map and resend only the affected commands,
-    up to `CLUSTER_ATTEMPTS` tries in all; then a connection error raises redis-py's
-    ConnectionError (every caller's back-off handles it) and redirect replies stay in
-    their place as errors. Resending is safe for what we send: reads, idempotent
-    version-gated scripts, XACK, and XADDs of the relay whose duplicates the gates
-    absorb (docs/scaling.md)."""
+    up to `CLUSTER_ATTEMPTS` tries in all; then redis-py's ConnectionError is raised
+    (every caller's back-off handles it; `_give_up_if`). Resending is safe for what we
+    send: reads, idempotent version-gated scripts, XACK, and XADDs of the relay whose
+    duplicates the gates absorb (docs/scaling.md)."""
     replies: list[Any] = [None] * len(commands)
     keys = [command_key(c) for c in commands]
     notify = [_is_notification(c) for c in commands]
@@ -299,18 +298,26 @@ def cluster_round_trip(client: Any, commands: list[tuple[Any, ...]]) -> list[Any
                     elif isinstance(reply, _REDIRECTS):
                         todo.append(i)
             todo.sort()
-        _give_up_if(todo, failure)
+        _give_up_if(todo, failure, replies)
     return replies
 
 
-def _give_up_if(todo: list[int], failure: BaseException | None) -> None:
-    """Commands still to do after the last try because nodes failed: redis-py's
-    ConnectionError, which the callers' back-off treats like any unreachable Redis."""
-    if failure is not None and todo:
-        raise RedisConnectionError(
-            f"Redis Cluster: {len(todo)} command(s) failed after {CLUSTER_ATTEMPTS} "
-            f"tries: {failure}"
-        ) from failure
+def _give_up_if(
+    todo: list[int], failure: BaseException | None, replies: list[Any] | None = None
+) -> None:
+    """Commands still to do after the last try: redis-py's ConnectionError, which the
+    callers' back-off treats like any unreachable Redis (the HTTP API answers 503). Both
+    causes are a cluster in transition, not an answer about the command: a node that
+    failed, or a reply that still redirects (CLUSTERDOWN while a failover elects a
+    replica lasts seconds, longer than the tries; MOVED/ASK/TRYAGAIN that kept coming).
+    Left in place as a reply, such an error would read as the command's own (a query
+    reported a "bad view" for CLUSTERDOWN)."""
+    if not todo:
+        return
+    cause = failure if failure is not None else (replies[todo[0]] if replies else None)
+    raise RedisConnectionError(
+        f"Redis Cluster: {len(todo)} command(s) failed after {CLUSTER_ATTEMPTS} tries: {cause}"
+    ) from cause
 
 
 class _NodeCache:
@@ -483,7 +490,7 @@ async def cluster_round_trip_async(
                     if isinstance(reply, _REDIRECTS):  # ASK included: asked again whole
                         todo.append(i)
             todo.sort()
-        _give_up_if(todo, failure)
+        _give_up_if(todo, failure, replies)
     return replies
 
 
