@@ -76,7 +76,7 @@ class Settings(BaseSettings):
         default=True, description="CLI writes publish their events right after commit"
     )
     commit_notify: Literal["auto", "in-transaction", "after-commit", "after-commit-sync"] = Field(
-        default="in-transaction",
+        default="auto",
         description="how a command wakes the relay: `auto` (in the transaction while it is "
         "the process's only command in flight, else after commit as `after-commit`), "
         "`in-transaction` (`pg_notify` in the "
