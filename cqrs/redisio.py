@@ -461,37 +461,54 @@ async def cluster_round_trip_async(
 
     for todo in phases:
         failure: BaseException | None = None
+        asking: dict[int, Any] = {}
         for attempt in range(CLUSTER_ATTEMPTS):
             if not todo:
                 break
-            if attempt:
+            if attempt and len(asking) < len(todo):  # a pure ASK retry needs no new map
                 await asyncio.sleep(0.05)
                 with contextlib.suppress(redis.RedisError, OSError):
                     await client.nodes_manager.initialize()
-            groups: dict[str, tuple[Any, list[int]]] = {}
+            groups: dict[str, tuple[Any, list[int], list[tuple[Any, ...]]]] = {}
             for i in todo:
-                node = (
+                node = asking.get(i) or (
                     client.get_default_node()
                     if keys[i] is None
                     else client.nodes_manager.get_node_from_slot(slot_of(keys[i]))
                 )
-                groups.setdefault(node.name, (node, []))[1].append(i)
+                _, indexes, batch = groups.setdefault(node.name, (node, [], []))
+                indexes.append(i)
+                if i in asking:  # ASK: this one command, on the importing node
+                    batch.append(("ASKING",))
+                batch.append(commands[i])
             results = await asyncio.gather(
-                *(one_node(node, [commands[i] for i in ix]) for node, ix in groups.values())
+                *(one_node(node, batch) for node, _, batch in groups.values())
             )
-            todo, failure = [], None
-            for (_, indexes), result in zip(groups.values(), results, strict=True):
+            asked, todo, asking, failure = asking, [], {}, None
+            for (_, indexes, _), result in zip(groups.values(), results, strict=True):
                 if isinstance(result, BaseException):
                     failure = result
                     todo += indexes
                     continue
-                for i, reply in zip(indexes, result, strict=True):
-                    replies[i] = reply
-                    if isinstance(reply, _REDIRECTS):  # ASK included: asked again whole
+                got = iter(result)
+                for i in indexes:
+                    if i in asked:
+                        next(got)  # ASKING's own +OK
+                    reply = replies[i] = next(got)
+                    if isinstance(reply, AskError):
+                        asking[i] = _async_node_at(client, reply)
+                        todo.append(i)
+                    elif isinstance(reply, _REDIRECTS):
                         todo.append(i)
             todo.sort()
         _give_up_if(todo, failure, replies)
     return replies
+
+
+def _async_node_at(client: Any, error: AskError) -> Any:
+    """The node an ASK names (a master of the cluster, so in the client's node list)."""
+    host, port = error.node_addr
+    return client.get_node(host=host, port=int(port)) or client.get_default_node()
 
 
 # --- wake-ups (pub/sub) ----------------------------------------------------------------
