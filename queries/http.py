@@ -37,6 +37,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import re
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -44,6 +45,7 @@ from dataclasses import dataclass
 from http import HTTPStatus
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any, Literal
+from urllib.parse import parse_qsl
 
 import redis
 from fastapi import FastAPI, Query, Request
@@ -541,16 +543,45 @@ _PLAIN_GETS: dict[str, ViewRead] = {
 }
 
 
+# A `timeout` the fast path takes as it is: digits, an optional fraction (FastAPI's
+# float parsing decides everything else, errors included).
+_PLAIN_WAIT = "cqrs.plain_wait"  # the scope key for `after` and `timeout`, once parsed
+_PLAIN_TIMEOUT = re.compile(r"[0-9]{1,6}(\.[0-9]{1,6})?")
+
+
+def plain_query(query_string: bytes) -> tuple[str | None, float] | None:
+    """`after` and `timeout` from a query string that holds nothing else, each at most
+    once, `timeout` plain digits within its bounds; None for anything else (FastAPI's
+    route then parses and validates it). Decoded as Starlette decodes it."""
+    after: str | None = None
+    timeout = TIMEOUT.default
+    seen: set[str] = set()
+    for name, value in parse_qsl(query_string.decode("latin-1"), keep_blank_values=True):
+        if name in seen:
+            return None
+        seen.add(name)
+        if name == "after":
+            after = value
+        elif name == "timeout" and _PLAIN_TIMEOUT.fullmatch(value):
+            timeout = float(value)
+            if timeout > MAX_WAIT_SECONDS:
+                return None
+        else:
+            return None
+    return after, timeout
+
+
 class PlainGet:
-    """A get-by-id route's ASGI app: a GET without a query string (no `after`, no
-    `timeout`, so nothing to validate) is answered straight from the views; anything else
-    (a query string, HEAD) goes to the FastAPI route it stands in front of, so parameter
-    checks, errors and the OpenAPI document stay FastAPI's.
+    """A get-by-id route's ASGI app: a GET whose query string is empty or holds only a
+    plain `after` and `timeout` is answered here; anything else (other parameters, a
+    `timeout` FastAPI would have to judge, HEAD) goes to the FastAPI route it stands in
+    front of, so parameter checks, errors and the OpenAPI document stay FastAPI's.
 
     Why: FastAPI resolves the parameters of every request (path, `after`, `timeout`,
-    `Request`) through pydantic and its dependency solver, ~100 us per get-by-id on the
-    development machine, against ~10 us for this path (docs/benchmarks.md, "Round 2").
-    Errors raised here go through the app's exception handlers as the route's would."""
+    `Request`) through pydantic and its dependency solver: most of what a get-by-id cost
+    beyond the bare ASGI app (its p50 went from 1.39x to 1.15x the bare app's;
+    docs/benchmarks.md, "Round 2"). Errors raised here go through the app's exception
+    handlers as the route's would."""
 
     def __init__(self, route: APIRoute, read: ViewRead) -> None:
         self.full = route.app
@@ -558,14 +589,20 @@ class PlainGet:
         self.fast = request_response(self.answer)
 
     async def answer(self, request: Request) -> Response:
-        model = await self.read(_state(request).views, request.path_params)
+        wait = request.scope.get(_PLAIN_WAIT)
+        views = await caught_up(request, *wait) if wait else _state(request).views
+        model = await self.read(views, request.path_params)
         return view_response(request, model_body(model))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["method"] == "GET" and not scope.get("query_string"):
-            await self.fast(scope, receive, send)
-        else:
-            await self.full(scope, receive, send)
+        if scope["method"] == "GET":
+            query = scope.get("query_string")
+            wait = plain_query(query) if query else None
+            if not query or wait is not None:
+                scope[_PLAIN_WAIT] = wait
+                await self.fast(scope, receive, send)
+                return
+        await self.full(scope, receive, send)
 
 
 def _install_plain_gets(app: FastAPI) -> None:
