@@ -198,7 +198,8 @@ class Settings(BaseSettings):
     http_access_log: bool = Field(
         default=False,
         description="`cqrs serve` logs one line per request (uvicorn's access log, at info); "
-        "off by default: a line costs ~65 us, a fifth of a get-by-id (docs/benchmarks.md)",
+        "off by default: a line costs ~65-90 us, ~10% of a get-by-id over HTTP "
+        "(docs/benchmarks.md)",
     )
 
     # Reads from replicas (docs/scaling.md, "Reads from replicas").
