@@ -60,6 +60,8 @@ def expected_keys(
     for name in PROJECTIONS:
         keys |= {k.generation(name), k.projection_state(name), k.generation_counter(name)}
     keys |= {k.stream(n) for n in range(wiring.settings.partitions)}
+    # The relay's per-stream marks (failover repair), beside their streams.
+    keys |= {k.relay_mark(n) for n in range(wiring.settings.partitions)}
     return keys
 
 
@@ -71,7 +73,7 @@ def allowed_extras(wiring: Wiring) -> set[str]:
     for name in PROJECTIONS:
         extras |= {k.workers(name), k.dead_letters(name), k.pause(name), k.replay_lock(name)}
         extras |= {k.lease(name, n) for n in range(wiring.settings.partitions)}
-        extras.add(k.progress(name))
+        extras |= {k.progress(name), k.repair(name)}
     return extras
 
 
