@@ -60,8 +60,6 @@ def expected_keys(
     for name in PROJECTIONS:
         keys |= {k.generation(name), k.projection_state(name), k.generation_counter(name)}
     keys |= {k.stream(n) for n in range(wiring.settings.partitions)}
-    # The relay's per-stream marks (failover repair), beside their streams.
-    keys |= {k.relay_mark(n) for n in range(wiring.settings.partitions)}
     return keys
 
 
@@ -74,6 +72,8 @@ def allowed_extras(wiring: Wiring) -> set[str]:
         extras |= {k.workers(name), k.dead_letters(name), k.pause(name), k.replay_lock(name)}
         extras |= {k.lease(name, n) for n in range(wiring.settings.partitions)}
         extras |= {k.progress(name), k.repair(name)}
+    # The relay's per-stream marks (failover repair), for the streams that got events.
+    extras |= {k.relay_mark(n) for n in range(wiring.settings.partitions)}
     return extras
 
 
