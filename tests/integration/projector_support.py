@@ -3,8 +3,10 @@ relaying, draining the real worker, and snapshots of the namespace's view keys."
 
 from __future__ import annotations
 
+import contextlib
+import threading
 import uuid
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from datetime import UTC, datetime
 
 from cqrs.app.drain import drain_all
@@ -50,6 +52,23 @@ def drain(wiring: Wiring, projections: Iterable[Projection] | None = None) -> Wo
     )
     drain_all(wiring, worker=worker)
     return worker
+
+
+@contextlib.contextmanager
+def worker_in_thread(wiring: Wiring) -> Iterator[Worker]:
+    """A worker with every projection running in a thread for the block (the live
+    projector of the query-side tests), stopped gracefully at its end."""
+    stop = threading.Event()
+    worker = Worker(
+        wiring.redis, wiring.settings, PROJECTIONS.values(), database_url=wiring.database_url
+    )
+    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
+    thread.start()
+    try:
+        yield worker
+    finally:
+        stop.set()
+        thread.join(timeout=15)
 
 
 def differences(wiring: Wiring) -> list:

@@ -77,6 +77,30 @@ def _busiest_master(
 
 
 @pytest.mark.slow
+def _still_running_then_stopped(
+    wiring: Wiring,
+    names: list[str],
+    workers: list[subprocess.Popen[bytes]],
+    procs: list[subprocess.Popen[bytes]],
+) -> None:
+    """Nobody restarted anything (the same processes still run, the workers heartbeat),
+    and every one of them stops cleanly on SIGTERM."""
+    for proc in procs:
+        assert proc.poll() is None, f"{proc.args[3:]} exited with {proc.returncode}"
+    wait_ready(wiring, names, workers)
+    for proc in procs:
+        proc.send_signal(signal.SIGTERM)
+    for proc in procs:
+        assert proc.wait(timeout=30) == 0, f"{proc.args[3:]} did not stop cleanly"
+
+
+def _kill_leftovers(procs: list[subprocess.Popen[bytes]]) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
 def test_a_master_dies_mid_run_and_the_pipeline_carries_on(
     redis_cluster: ClusterBackend,
     cluster_wiring: Wiring,
@@ -120,21 +144,11 @@ def test_a_master_dies_mid_run_and_the_pipeline_carries_on(
             finally:
                 halt.set()
         assert done.committed > 0.9 * N_COMMANDS, done.summary()
-        # Nobody restarted anything: the same processes are still running.
-        for proc in procs:
-            assert proc.poll() is None, f"{proc.args[3:]} exited with {proc.returncode}"
-        wait_ready(cluster_wiring, ["w0", "w1"], workers)
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            assert proc.wait(timeout=30) == 0, f"{proc.args[3:]} did not stop cleanly"
+        _still_running_then_stopped(cluster_wiring, ["w0", "w1"], workers, procs)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{logs(tmp_path)}") from None
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        _kill_leftovers(procs)
         halt.set()
         if not local_cluster._pid_alive(victim.pid):
             local_cluster.restart_node(cluster, victim)
@@ -295,20 +309,11 @@ def test_a_master_dies_with_writes_its_replica_never_got_and_they_are_repaired(
         wait_until(repaired, timeout=120, interval=0.2, what="every projection repaired")
         republished = int(wiring.redis.hget(wiring.keys.meta(), "republished") or 0)
         assert republished > 0
-        for proc in procs:
-            assert proc.poll() is None, f"{proc.args[3:]} exited with {proc.returncode}"
-        wait_ready(wiring, names, workers)
-        for proc in procs:
-            proc.send_signal(signal.SIGTERM)
-        for proc in procs:
-            assert proc.wait(timeout=30) == 0, f"{proc.args[3:]} did not stop cleanly"
+        _still_running_then_stopped(wiring, names, workers, procs)
     except AssertionError as exc:
         raise AssertionError(f"{exc}\n{logs(tmp_path)}") from None
     finally:
-        for proc in procs:
-            if proc.poll() is None:
-                proc.kill()
-                proc.wait(timeout=10)
+        _kill_leftovers(procs)
         halt.set()
         # The session's cluster, whole again: the promoted replica's settings back to
         # their defaults, the killed node back as its replica.

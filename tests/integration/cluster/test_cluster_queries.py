@@ -4,7 +4,6 @@ woken by sharded pub/sub (SPUBLISH/SSUBSCRIBE) from a live worker, sync and asyn
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Iterator
 
@@ -12,12 +11,11 @@ import pytest
 
 from cqrs.commands.catalog import CreateProduct, RenameProduct
 from cqrs.projector.registry import PROJECTIONS
-from cqrs.projector.worker import Worker
 from cqrs.queries.http import build_state
 from cqrs.queries.service import QueryService
 from cqrs.relay.outbox import Relay
 from cqrs.wiring import Wiring
-from tests.integration.projector_support import drain, run
+from tests.integration.projector_support import drain, run, worker_in_thread
 
 # Read-your-writes must hold within the timeout it has on one node.
 WAIT_SECONDS = 5.0
@@ -29,15 +27,8 @@ def live(cluster_wiring: Wiring) -> Iterator[Wiring]:
     w = cluster_wiring
     run(w, CreateProduct(sku="S-0", name="First", price="1.00", stock=1))
     drain(w)
-    stop = threading.Event()
-    worker = Worker(w.redis, w.settings, PROJECTIONS.values(), database_url=w.database_url)
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
-    try:
+    with worker_in_thread(w):
         yield w
-    finally:
-        stop.set()
-        thread.join(timeout=15)
 
 
 def _publish(w: Wiring) -> None:

@@ -8,7 +8,6 @@ the replicas go up; nothing else reads from them). Connections are counted with
 from __future__ import annotations
 
 import asyncio
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,8 +18,6 @@ import redis
 from cqrs.commands.catalog import CreateProduct, RenameProduct
 from cqrs.commands.customers import RegisterCustomer
 from cqrs.commands.orders import PlaceOrder
-from cqrs.projector.registry import PROJECTIONS
-from cqrs.projector.worker import Worker
 from cqrs.queries.aio import CLUSTER_SPARE
 from cqrs.queries.errors import Busy
 from cqrs.queries.http import build_state
@@ -30,7 +27,7 @@ from cqrs.settings import Settings
 from cqrs.wiring import Wiring
 from tests.helpers import wait_until
 from tests.integration.http_support import ApiServer, api_servers
-from tests.integration.projector_support import drain, relay_all, run
+from tests.integration.projector_support import drain, relay_all, run, worker_in_thread
 from tests.integration.test_http_load import raw_get
 
 # Read-your-writes must hold within the timeout it has on one node.
@@ -102,15 +99,10 @@ def live(replica_settings: Settings) -> Iterator[Wiring]:
     wait_until(
         lambda: _replicas_in_slot_map(w.redis_url), timeout=30, what="replicas in CLUSTER SLOTS"
     )
-    stop = threading.Event()
-    worker = Worker(w.redis, w.settings, PROJECTIONS.values(), database_url=w.database_url)
-    thread = threading.Thread(target=worker.run, args=(stop,), daemon=True)
-    thread.start()
     try:
-        yield w
+        with worker_in_thread(w):
+            yield w
     finally:
-        stop.set()
-        thread.join(timeout=15)
         w.close()
 
 
