@@ -101,7 +101,12 @@ def round_trip(client: redis.Redis, commands: list[tuple[Any, ...]]) -> list[Any
     (`cluster_round_trip`)."""
     if is_cluster_client(client):
         return cluster_round_trip(client, commands)
-    pool = client.connection_pool
+    return pool_round_trip(client.connection_pool, commands)
+
+
+def pool_round_trip(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
+    """One packed write on one connection of `pool`, one reply read per command; a
+    connection left in doubt (an error mid-read) is dropped, not returned to the pool."""
     conn = pool.get_connection()
     try:
         conn.send_packed_command([b"".join(pack(args) for args in commands)])

@@ -67,7 +67,15 @@ from cqrs.contracts import registered_contracts
 from cqrs.keys import KeyMap
 from cqrs.projector.registry import PROJECTIONS
 from cqrs.queries.service import QueryService
-from cqrs.redisio import command_key, is_cluster_client, pack, publish, read_replies, round_trip
+from cqrs.redisio import (
+    command_key,
+    is_cluster_client,
+    pack,
+    pool_round_trip,
+    publish,
+    read_replies,
+    round_trip,
+)
 from cqrs.redisio import slot_of as key_slot_of
 from cqrs.settings import Settings
 from cqrs.urls import mask_url
@@ -379,15 +387,7 @@ def by_master(client: Any, commands: list[tuple[Any, ...]]) -> list[tuple[Any, l
 
 def node_trip(pool: Any, commands: list[tuple[Any, ...]]) -> list[Any]:
     """One master's part: one packed write, its replies read."""
-    conn = pool.get_connection()
-    try:
-        conn.send_packed_command([b"".join(pack(c) for c in commands)])
-        return read_replies(conn, len(commands))
-    except BaseException:
-        conn.disconnect()
-        raise
-    finally:
-        pool.release(conn)
+    return pool_round_trip(pool, commands)
 
 
 def send_all_then_read(client: Any, commands: list[tuple[Any, ...]]) -> None:

@@ -94,6 +94,15 @@ def _still_running_then_stopped(
         assert proc.wait(timeout=30) == 0, f"{proc.args[3:]} did not stop cleanly"
 
 
+def _drain_and_verify(env: dict[str, str]) -> None:
+    """What is left drains, and the views then equal what PostgreSQL says."""
+    drained = cli(["run", "--drain"], env)
+    assert drained.returncode == 0, drained.stdout + drained.stderr
+    verified = cli(["verify", "--json"], env)
+    assert verified.returncode == 0, verified.stdout + verified.stderr
+    assert json.loads(verified.stdout)["differences"] == 0, verified.stdout
+
+
 def _kill_leftovers(procs: list[subprocess.Popen[bytes]]) -> None:
     for proc in procs:
         if proc.poll() is None:
@@ -153,11 +162,7 @@ def test_a_master_dies_mid_run_and_the_pipeline_carries_on(
         if not local_cluster._pid_alive(victim.pid):
             local_cluster.restart_node(cluster, victim)
 
-    drained = cli(["run", "--drain"], env)
-    assert drained.returncode == 0, drained.stdout + drained.stderr
-    verified = cli(["verify", "--json"], env)
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert json.loads(verified.stdout)["differences"] == 0, verified.stdout
+    _drain_and_verify(env)
     with cluster_wiring.engine.connect() as conn:
         order_ids = [row[0] for row in conn.execute(text("SELECT id FROM orders.orders"))]
     queries = QueryService(
@@ -324,11 +329,7 @@ def test_a_master_dies_with_writes_its_replica_never_got_and_they_are_repaired(
         if not local_cluster._pid_alive(victim.pid):
             local_cluster.restart_node(cluster, victim)
 
-    drained = cli(["run", "--drain"], env)
-    assert drained.returncode == 0, drained.stdout + drained.stderr
-    verified = cli(["verify", "--json"], env)
-    assert verified.returncode == 0, verified.stdout + verified.stderr
-    assert json.loads(verified.stdout)["differences"] == 0, verified.stdout
+    _drain_and_verify(env)
     for name in PROJECTIONS:
         assert list_dead_letters(wiring.redis, wiring.keys, name) == [], name
     with wiring.engine.connect() as conn:
