@@ -7,12 +7,14 @@ embedded servers under `settings.home` are started (or reused) on first use.
 
 from __future__ import annotations
 
+import select
 from functools import cached_property
 from typing import Any, cast
 from urllib.parse import urlsplit, urlunsplit
 
 import redis
-from sqlalchemy import Engine, create_engine
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy import exc as sa_exc
 
 from cqrs.keys import KeyMap
 from cqrs.redisio import is_cluster_client
@@ -92,13 +94,47 @@ def cluster_url(url: str) -> str:
     return urlunsplit(parts._replace(path=""))
 
 
+def server_spoke(dbapi_connection: Any) -> bool:
+    """Whether the server sent something to this idle pooled connection, or it is gone.
+
+    A server that ends a connection (a restart, `pg_terminate_backend`, an idle timeout)
+    writes its reason and closes the socket, so the socket turns readable; while it is
+    idle in the pool nothing else arrives (its users do not LISTEN). One poll, no round
+    trip."""
+    if getattr(dbapi_connection, "closed", False) or getattr(dbapi_connection, "broken", False):
+        return True
+    try:
+        fd = dbapi_connection.fileno()
+    except Exception:
+        return True
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLPRI)
+        return bool(poller.poll(0))
+    return bool(select.select([fd], [], [], 0)[0])
+
+
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
-    return create_engine(
+    """The write side's engine. Its pre-ping is SQLAlchemy's (`SELECT 1`, and the whole
+    pool invalidated when it fails), sent only when the connection's socket shows the
+    server spoke or closed while the connection sat in the pool (`server_spoke`): the
+    cases pre-ping exists for, without a round trip per checkout for the others (it was
+    one of an order placement's three; docs/benchmarks.md, "Round 2: commands")."""
+    engine = create_engine(
         sqlalchemy_url(database_url),
         pool_size=pool_size,
         max_overflow=pool_size,
-        pool_pre_ping=True,
     )
+    dialect = engine.dialect
+
+    @event.listens_for(engine, "checkout")
+    def _ping_if_spoken(dbapi_connection: Any, record: Any, proxy: Any) -> None:
+        if server_spoke(dbapi_connection) and not dialect._do_ping_w_event(dbapi_connection):
+            # What pool_pre_ping raises: this connection is replaced and every one
+            # pooled before now is dropped (a restarted server ended them all).
+            raise sa_exc.InvalidatePoolError()
+
+    return engine
 
 
 class Wiring:
