@@ -20,7 +20,7 @@ from cqrs.commands.db import MAX_ORDER_LINES
 from cqrs.commands.errors import Duplicate, InsufficientStock, InvalidTransition, NotFound
 from cqrs.commands.fields import Quantity
 from cqrs.commands.results import CommandResult
-from cqrs.commands.uow import UnitOfWork, json_text
+from cqrs.commands.uow import UnitOfWork, json_text, uuid_array
 from cqrs.events import (
     OrderCancelled,
     OrderLine,
@@ -63,10 +63,10 @@ class ShipOrder(Command):
 
 
 # Products are locked in id order: two orders over the same products then queue instead of
-# deadlocking.
+# deadlocking. The ids travel as an array literal (`uuid_array`).
 _LOCK_PRODUCTS = (
     "SELECT id, name, price, stock, version FROM catalog.products"
-    " WHERE id = ANY(%s) ORDER BY id FOR UPDATE"
+    " WHERE id = ANY(%s::uuid[]) ORDER BY id FOR UPDATE"
 )
 # Everything an order placement reads, in one statement: whether the order id is taken,
 # the customer (FOR SHARE: a concurrent rename waits for this order to commit, so the
@@ -96,7 +96,7 @@ _INSERT_LINES = (
 _UPDATE_STOCK = (
     "UPDATE catalog.products AS p SET stock = v.stock, version = v.version + 1"
     " FROM jsonb_populate_recordset(NULL::catalog.products, %s::jsonb) AS v"
-    " WHERE p.id = ANY(%s) AND p.id = v.id AND p.version = v.version"
+    " WHERE p.id = ANY(%s::uuid[]) AND p.id = v.id AND p.version = v.version"
 )
 _READ_ORDER = (
     "SELECT customer_id, status, total, version FROM orders.orders WHERE id = %s FOR UPDATE"
@@ -129,7 +129,7 @@ def _update_stock(uow: UnitOfWork, changes: list[tuple[_Locked, int]]) -> None:
     rows = [{"id": p.id, "version": p.version, "stock": stock} for p, stock in changes]
     uow.write(
         _UPDATE_STOCK,
-        (json_text(rows), [p.id for p, _ in changes]),
+        (json_text(rows), uuid_array([p.id for p, _ in changes])),
         expect_rows=len(rows),
         what="a product of this order",
     )
@@ -137,7 +137,8 @@ def _update_stock(uow: UnitOfWork, changes: list[tuple[_Locked, int]]) -> None:
 
 def place_order(cmd: PlaceOrder, uow: UnitOfWork) -> CommandResult:
     read = uow.send(
-        _READ_FOR_PLACING, (cmd.customer_id, [i.product_id for i in cmd.items], cmd.order_id)
+        _READ_FOR_PLACING,
+        (cmd.customer_id, uuid_array([i.product_id for i in cmd.items]), cmd.order_id),
     ).fetchall()
     order_exists, customer_name, customer_version = read[0][:3]
     if order_exists:
@@ -220,7 +221,7 @@ def cancel_order(cmd: CancelOrder, uow: UnitOfWork) -> CommandResult:
         raise InvalidTransition(f"order {cmd.order_id} is shipped and cannot be cancelled")
     if status == "cancelled":
         raise InvalidTransition(f"order {cmd.order_id} is already cancelled")
-    locked = uow.send(_LOCK_PRODUCTS, ([pid for pid, _, _ in lines],)).fetchall()
+    locked = uow.send(_LOCK_PRODUCTS, (uuid_array([pid for pid, _, _ in lines]),)).fetchall()
     products = {row[0]: _Locked(row) for row in locked}
     now = datetime.now(UTC)
     version = read + 1

@@ -73,6 +73,14 @@ def json_text(value: Any) -> str:
     return to_json(value).decode()
 
 
+def uuid_array(ids: Sequence[uuid.UUID]) -> str:
+    """A `uuid[]` parameter as PostgreSQL's array literal (the SQL casts it): psycopg's
+    list adaptation inspects every element and cost ~40 us per array, more than the rest
+    of the statement's parameters (docs/benchmarks.md, "Round 2: commands"). A UUID's text
+    needs no quoting."""
+    return "{" + ",".join(map(str, ids)) + "}"
+
+
 @cache
 def _commit_sql(writes: tuple[tuple[str, bool], ...], notify: bool = True) -> str:
     """One statement for the whole state change: the command's writes as data-modifying
