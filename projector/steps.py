@@ -105,12 +105,21 @@ def _command_args(step: Step, shas: dict[str, str]) -> tuple[Any, ...]:
     return tuple(step.command)
 
 
-def _execute_round(client: redis.Redis, scripts: Scripts, steps: list[Step]) -> list[Any]:
+def _execute_round(
+    client: redis.Redis,
+    scripts: Scripts,
+    steps: list[Step],
+    after: tuple[Any, ...] | None = None,
+) -> list[Any]:
     """One pipeline for the round. Scripts are sent as plain EVALSHA (no SCRIPT EXISTS
     round trip first); if the server lost its script cache (restart, SCRIPT FLUSH), the
     calls that got NOSCRIPT are sent again, in their order, after reloading the scripts.
-    Every step is idempotent, and NOSCRIPT means that call did nothing."""
-    results = round_trip(client, [_command_args(step, scripts.shas) for step in steps])
+    Every step is idempotent, and NOSCRIPT means that call did nothing. `after`, if
+    given, rides behind the round (its reply is dropped)."""
+    commands = [_command_args(step, scripts.shas) for step in steps]
+    if after is not None:
+        commands.append(after)
+    results = round_trip(client, commands)[: len(steps)]
     missing = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
     if missing:
         scripts.load()
@@ -249,14 +258,15 @@ def run_steps(
     scripts: Scripts,
     per_event: Iterable[list[Step]],
     *,
-    after_first_round: tuple[Any, ...] | None = None,
+    after_each_round: tuple[Any, ...] | None = None,
 ) -> BatchOutcome:
     """Run every event's steps in rounds; an error in one event never stops the others.
 
     `per_event` may be a generator: round 1 is sent while it runs (see `_first_round`).
-    `after_first_round`: a command sent right behind round 1 (the worker's early
-    `applied` notification: most events' version gates are written in round 1, so
-    read-your-writes waiters can look before the follow-up rounds and the XACK).
+    `after_each_round`: a command sent right behind every round (the worker's `applied`
+    notification: an event's version gate is written in the round that applies it,
+    round 1 for most, round 2 for an order's creation, so read-your-writes waiters can
+    look as soon as that round is done, before the follow-up rounds and the XACK).
 
     A version-gated step that finds its predecessor missing is retried in the next round
     when an earlier event of the batch still has steps to run (the predecessor may be one
@@ -266,11 +276,12 @@ def run_steps(
     outcome = BatchOutcome(errors=[])
     errors = outcome.errors
     scripts.ensure_loaded()
-    pending, results = _first_round(client, scripts, per_event, errors, after_first_round)
+    pending, results = _first_round(client, scripts, per_event, errors, after_each_round)
     while pending:
         outcome.rounds += 1
         if outcome.rounds > 1:
-            results = _execute_round(client, scripts, [step for _, step in pending])
+            steps = [step for _, step in pending]
+            results = _execute_round(client, scripts, steps, after_each_round)
         follow: list[tuple[int, Step]] = []
         gaps: list[tuple[int, Step, int]] = []
         for (index, step), result in zip(pending, results, strict=True):

@@ -674,12 +674,12 @@ class Worker:
                     handled.append(True)
                     yield steps
 
-        # Waiters (`?after=`, `--after`) are woken twice: right behind round 1, where most
-        # events' version gates are written, and after the acknowledgements (for the gates
-        # written in later rounds, e.g. an order's creation). A wake-up only makes them
-        # look at the gates again, so an early one is never wrong, only sooner.
+        # Waiters (`?after=`, `--after`) are woken behind every round, where the version
+        # gates the round applied are written (round 1 for most events, round 2 for an
+        # order's creation), and once more after the acknowledgements. A wake-up only
+        # makes them look at the gates again, so an early one is never wrong, only sooner.
         early = publish_command(self.redis, self.keys.applied_channel(), len(entries))
-        outcome = run_steps(self.redis, self.scripts, per_event(), after_first_round=early)
+        outcome = run_steps(self.redis, self.scripts, per_event(), after_each_round=early)
         self.stats.applied += outcome.applied
         self.stats.duplicates += outcome.duplicates
         acks: dict[tuple[str, str], list[str]] = {}
