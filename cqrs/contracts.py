@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
+from decimal import Decimal
 from functools import cache
 from importlib.metadata import EntryPoint, entry_points
 from typing import TYPE_CHECKING, Any
@@ -258,15 +259,13 @@ def builtin_contracts(
 
 def cents(amount: object) -> int:
     """Money string/Decimal -> integer cents for the Lua money op (exact, no floats)."""
-    from decimal import Decimal
-
+    if type(amount) is Decimal:  # a payload's Money: the same value without a text trip
+        return int((amount * 100).to_integral_exact())
     return int((Decimal(str(amount)) * 100).to_integral_exact())
 
 
 def money(value: object) -> str:
     """How views store money: a decimal string with two places."""
-    from decimal import Decimal
-
     return f"{Decimal(str(value)):.2f}"
 
 

@@ -232,12 +232,29 @@ class EventEnvelope(EventHeader):
             raise EventError(f"stream entry is malformed: {exc}") from None
 
 
+_UUID_TEXT = r"^[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}$"
+
+
+def aggregate_text(event: EventHeader) -> str:
+    """An event's aggregate id as keys carry it (`str` of the UUID), without formatting
+    the UUID again when the stream entry already spelled it so."""
+    text = event.__dict__.get("aggregate_text")
+    return str(event.aggregate_id) if text is None else text
+
+
 class _StreamEntry(EventHeader):
     """A stream entry validated in one pydantic call, payload JSON included (per event
     type a subclass fixes the payload's contract); see `parse_stream_entry`."""
 
     event_type: str = Field(validation_alias="type")
     schema_version: int = Field(validation_alias="schema")
+    # The aggregate id as the entry spells it, read only when that is the UUID's canonical
+    # text (what `str(aggregate_id)` gives, ~0.9 us of Python each time): keys and fields
+    # that carry the id take it from here (`aggregate_text`). Not part of the event: left
+    # out of dumps and repr. An entry spelling its id otherwise takes the slow path.
+    aggregate_text: str = Field(
+        validation_alias="aggregate_id", pattern=_UUID_TEXT, exclude=True, repr=False
+    )
 
 
 _ENTRY_MODELS: dict[str, type[_StreamEntry]] = {
