@@ -20,6 +20,7 @@ from cqrs.events import (
     OrderCancelled,
     OrderPlaced,
     OrderShipped,
+    aggregate_text,
 )
 from cqrs.projector.contracts.customers import CONTRACT, CustomerKeys
 from cqrs.projector.projection import Projection, cents
@@ -27,9 +28,10 @@ from cqrs.projector.steps import NEED_GATE, NEED_TARGET, Step, apply
 
 
 def on_registered(event: EventHeader, p: CustomerRegistered, views: CustomerKeys) -> list[Step]:
-    key = views.customer(event.aggregate_id)
+    customer_id = aggregate_text(event)
+    key = views.customer(customer_id)
     ops = [
-        ("set", "id", str(event.aggregate_id)),
+        ("set", "id", customer_id),
         ("set", "email", p.email),
         ("set", "name", p.name),
         ("incr", "order_count", 0),
@@ -39,7 +41,7 @@ def on_registered(event: EventHeader, p: CustomerRegistered, views: CustomerKeys
 
 
 def on_renamed(event: EventHeader, p: CustomerRenamed, views: CustomerKeys) -> list[Step]:
-    key = views.customer(event.aggregate_id)
+    key = views.customer(aggregate_text(event))
     ops = [("set", "name", p.name)]
     return [apply(key, key, "version", event.version, ops, needs=(NEED_GATE,))]
 
@@ -49,10 +51,11 @@ def _order_step(
 ) -> Step:
     """The counters of one order event on its customer's view: the customer view must
     exist, and every event but the placement needs the placement counted first."""
+    customer = str(customer_id)  # formatted once for both keys
     return apply(
-        views.customer_order_state(customer_id),
-        views.customer(customer_id),
-        str(event.aggregate_id),
+        views.customer_order_state(customer),
+        views.customer(customer),
+        aggregate_text(event),
         event.version,
         ops,
         needs=(NEED_TARGET,) if placed else (NEED_GATE, NEED_TARGET),

@@ -27,12 +27,14 @@ from cqrs.events import (
     OrderCancelled,
     OrderPlaced,
     OrderShipped,
+    aggregate_text,
 )
 from cqrs.projector.contracts.orders import (
     CONTRACT,
     LINE_ATTRIBUTES,  # noqa: F401 (re-exported: the line encoders' old home)
     OrderKeys,
-    line_field,
+    line_field,  # noqa: F401 (re-exported: the line encoders' old home)
+    line_fields,
     order_member,
     order_member_id,
 )
@@ -43,7 +45,7 @@ from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
 def _customer_name_changed(
     event: EventEnvelope, name: str, views: OrderKeys, *, registers: bool = False
 ) -> list[Step]:
-    customer_id = event.aggregate_id
+    customer_id = aggregate_text(event)
     key = views.order_customer(customer_id)
 
     def fan_out(result: list[Any]) -> list[Step]:
@@ -78,15 +80,18 @@ def on_customer_renamed(event: EventEnvelope, p: CustomerRenamed, views: OrderKe
 
 
 def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: OrderKeys) -> list[Step]:
-    order_key = views.order(event.aggregate_id)
+    order_id = aggregate_text(event)
+    customer_id = str(p.customer_id)
+    order_key = views.order(order_id)
     line_ops: list[tuple[str, str, Any]] = [("set", "line_count", len(p.lines))]
     for n, line in enumerate(p.lines, start=1):
+        product_id, name, unit_price, qty, line_total = line_fields(n)
         line_ops += [
-            ("set", line_field(n, "product_id"), str(line.product_id)),
-            ("set", line_field(n, "name"), line.name),
-            ("set", line_field(n, "unit_price"), f"{line.unit_price:.2f}"),
-            ("set", line_field(n, "qty"), line.qty),
-            ("set", line_field(n, "line_total"), f"{line.line_total:.2f}"),
+            ("set", product_id, str(line.product_id)),
+            ("set", name, line.name),
+            ("set", unit_price, f"{line.unit_price:.2f}"),
+            ("set", qty, line.qty),
+            ("set", line_total, f"{line.line_total:.2f}"),
         ]
 
     def create(result: list[Any]) -> list[Step]:
@@ -95,8 +100,8 @@ def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: OrderKeys) -> l
         if known_name is not None and int(known_version or 0) >= p.customer_version:
             name, version = known_name, int(known_version)
         ops = [
-            ("set", "id", str(event.aggregate_id)),
-            ("set", "customer_id", str(p.customer_id)),
+            ("set", "id", order_id),
+            ("set", "customer_id", customer_id),
             ("set", "customer_name", name),
             ("set", "customer_version", version),
             ("set", "status", "placed"),
@@ -110,8 +115,8 @@ def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: OrderKeys) -> l
     # registered here), but not counted: the order's own write is the apply above.
     join = script(
         "zadd_and_read",
-        (views.customer_orders(p.customer_id), views.order_customer(p.customer_id)),
-        (0, order_member(p.placed_at, event.aggregate_id), "name", "version"),
+        (views.customer_orders(customer_id), views.order_customer(customer_id)),
+        (0, order_member(p.placed_at, order_id), "name", "version"),
         then=create,
     )
     join.gated, join.counted = True, False
@@ -119,13 +124,13 @@ def on_order_placed(event: EventEnvelope, p: OrderPlaced, views: OrderKeys) -> l
 
 
 def on_order_cancelled(event: EventEnvelope, p: OrderCancelled, views: OrderKeys) -> list[Step]:
-    key = views.order(event.aggregate_id)
+    key = views.order(aggregate_text(event))
     ops = [("set", "status", "cancelled"), ("set", "cancelled_at", p.cancelled_at.isoformat())]
     return [apply(key, key, "version", event.version, ops, needs=(NEED_GATE,))]
 
 
 def on_order_shipped(event: EventEnvelope, p: OrderShipped, views: OrderKeys) -> list[Step]:
-    key = views.order(event.aggregate_id)
+    key = views.order(aggregate_text(event))
     ops = [("set", "status", "shipped"), ("set", "shipped_at", p.shipped_at.isoformat())]
     return [apply(key, key, "version", event.version, ops, needs=(NEED_GATE,))]
 

@@ -7,7 +7,8 @@ duplicates converge instead of drifting.
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Callable
+from typing import Any, NamedTuple
 
 from cqrs.events import (
     EventHeader,
@@ -17,6 +18,7 @@ from cqrs.events import (
     ProductRestocked,
     StockReleased,
     StockReserved,
+    aggregate_text,
 )
 from cqrs.projector.contracts.products import (
     CONTRACT,
@@ -31,6 +33,50 @@ from cqrs.projector.contracts.products import (
 )
 from cqrs.projector.projection import Projection, cents
 from cqrs.projector.steps import NEED_GATE, Step, apply, command, script
+
+
+class _Indexes(NamedTuple):
+    """The catalog index keys of one generation, each with its version record."""
+
+    by_name: tuple[str, str]
+    by_price: tuple[str, str]
+    top: tuple[str, str]
+
+
+# Per generation (key prefix): its index keys are the same for every event.
+_INDEXES: dict[tuple[type, str], _Indexes] = {}
+
+
+def _indexes(views: ProductKeys) -> _Indexes:
+    found = _INDEXES.get((type(views), views.prefix))
+    if found is None:
+        if len(_INDEXES) > 64:  # generations come and go with rebuilds
+            _INDEXES.clear()
+        found = _INDEXES[(type(views), views.prefix)] = _Indexes(
+            (views.products_by_name(), views.products_by_name_versions()),
+            (views.products_by_price(), views.products_by_price_versions()),
+            (views.top_products(), views.top_products_versions()),
+        )
+    return found
+
+
+def _reindex(
+    pid: str, version: int, tracked: str, index: tuple[str, str], member: Any
+) -> Callable[[list[Any]], list[Step]]:
+    def follow(result: list[Any]) -> list[Step]:
+        current, *known = result
+        if current is None:
+            return []
+        stale = [v for v in known if v != current]
+        args = (pid, version, 0, member(current, pid), *[member(v, pid) for v in stale])
+        step = script("index", index, args)
+        if stale:
+            # Forget stale values only after they left the index (next round), and
+            # only if this write was not refused as older than the index.
+            step.then = lambda written: [command("SREM", tracked, *stale)] if written else []
+        return [step]
+
+    return follow
 
 
 def _steps(event: EventHeader, views: ProductKeys, ops: list[tuple[str, str, Any]]) -> list[Step]:
@@ -50,65 +96,48 @@ def _steps(event: EventHeader, views: ProductKeys, ops: list[tuple[str, str, Any
     Only CREATES may write a view that does not exist: any other event for a missing view
     is a gap (its creation is missing), never a partial view. The index upkeep runs only
     after the apply, so a gap leaves no index entry either.
+
+    Only what the event type needs is built (the keys, follow-ups and closures of the
+    indexes it leaves alone are not): this runs for every product event.
     """
     kind = event.event_type
-    name, price, top = kind in REINDEX_NAME, kind in REINDEX_PRICE, kind in REINDEX_TOP
-    pid = str(event.aggregate_id)
+    pid = aggregate_text(event)
     key = views.product(pid)
-
     version = event.version
+    needs = () if kind == CREATES else (NEED_GATE,)
+    top = kind in REINDEX_TOP
+    name, price = kind in REINDEX_NAME, kind in REINDEX_PRICE
+    if not (top or name or price):
+        return [apply(key, key, "version", version, ops, needs=needs)]
 
-    def reindex_top(result: list[Any]) -> list[Step]:
-        units_sold = result[1]
-        if units_sold is None:
-            return []
-        top = (views.top_products(), views.top_products_versions())
-        return [script("index", top, (pid, version, int(units_sold), pid))]
-
-    def reindex(tracked: str, index: tuple[str, str], member: Any) -> Any:
-        def follow(result: list[Any]) -> list[Step]:
-            current, *known = result
-            if current is None:
-                return []
-            stale = [v for v in known if v != current]
-            args = (pid, version, 0, member(current, pid), *[member(v, pid) for v in stale])
-            step = script("index", index, args)
-            if stale:
-                # Forget stale values only after they left the index (next round), and
-                # only if this write was not refused as older than the index.
-                step.then = lambda written: [command("SREM", tracked, *stale)] if written else []
-            return [step]
-
-        return follow
-
-    names, prices = views.product_names(pid), views.product_prices(pid)
-    by_name = (views.products_by_name(), views.products_by_name_versions())
-    by_price = (views.products_by_price(), views.products_by_price_versions())
-    trackers = [
-        (tracked, field, index, member)
-        for wanted, tracked, field, index, member in (
-            (name, names, "name", by_name, name_member),
-            (price, prices, "price", by_price, price_member),
-        )
-        if wanted
-    ]
+    indexes = _indexes(views)
+    trackers = []
+    if name:
+        trackers.append((views.product_names(pid), "name", indexes.by_name, name_member))
+    if price:
+        trackers.append((views.product_prices(pid), "price", indexes.by_price, price_member))
 
     def after_apply(result: list[Any]) -> list[Step]:
         # Only once the event's own write has applied (or had applied before): a step
         # that ran beside it in round 1 would read the value from before the event when
         # the apply has to wait for a predecessor (a GAP retried in the next round), and
         # index that old value under the event's version.
-        steps = reindex_top(result) if top else []
+        steps: list[Step] = []
+        if top and result[1] is not None:
+            steps.append(script("index", indexes.top, (pid, version, int(result[1]), pid)))
         steps += [
-            script("track", (key, tracked), (field,), then=reindex(tracked, index, member))
+            script(
+                "track",
+                (key, tracked),
+                (field,),
+                then=_reindex(pid, version, tracked, index, member),
+            )
             for tracked, field, index, member in trackers
         ]
         return steps
 
     returns = ("units_sold",) if top else ()
-    then = after_apply if top or trackers else None
-    needs = () if kind == CREATES else (NEED_GATE,)
-    return [apply(key, key, "version", version, ops, returns, then, needs=needs)]
+    return [apply(key, key, "version", version, ops, returns, after_apply, needs=needs)]
 
 
 def on_created(event: EventHeader, p: ProductCreated, views: ProductKeys) -> list[Step]:
@@ -116,7 +145,7 @@ def on_created(event: EventHeader, p: ProductCreated, views: ProductKeys) -> lis
         event,
         views,
         [
-            ("set", "id", str(event.aggregate_id)),
+            ("set", "id", aggregate_text(event)),
             ("set", "sku", p.sku),
             ("set", "name", p.name),
             ("set", "price", f"{p.price:.2f}"),

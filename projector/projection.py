@@ -99,7 +99,9 @@ class Projection:
         for the projections that share it), or an envelope already read from the log.
         None when the projection skips the type; EventError for anything malformed,
         including a type nobody knows (parsed first, so the error says what is wrong)."""
-        if isinstance(record, EventEnvelope):
+        if type(record) is not dict and isinstance(record, EventEnvelope):
+            # (`type` first: a pydantic class's isinstance check runs Python code, and
+            # the live worker passes plain dicts)
             handler = self.handlers.get(record.event_type)
             return None if handler is None else handler(record, record.typed_payload(), views)
         event_type = record.get("type")

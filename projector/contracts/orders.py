@@ -71,6 +71,17 @@ def line_field(n: int, attribute: str) -> str:
     return f"line:{n}:{attribute}"
 
 
+# Per line number (1-based; 0 unused), its fields in LINE_ATTRIBUTES order, formatted once.
+_LINE_NAMES = [tuple(line_field(n, a) for a in LINE_ATTRIBUTES) for n in range(101)]
+
+
+def line_fields(n: int) -> tuple[str, ...]:
+    """The view fields of line `n` (1-based), in LINE_ATTRIBUTES order."""
+    if n < len(_LINE_NAMES):
+        return _LINE_NAMES[n]
+    return tuple(line_field(n, a) for a in LINE_ATTRIBUTES)
+
+
 def order_member(placed_at: datetime, order_id: UUID | str) -> str:
     return f"{int(placed_at.timestamp() * 1000):015d}:{order_id}"
 
