@@ -188,3 +188,24 @@ def test_stage_probe_times_every_stage_and_leaves_nothing(backend: Backend, tmp_
 
     bad = _stages(env, 3)
     assert bad.returncode == 2 and "at least 10" in bad.stderr
+
+
+def test_layout_probe_compares_every_executor(backend: Backend, tmp_path: Path) -> None:
+    """`python -m bench.layout` drives the real worker with each executor (one that
+    applied anything differently would fail entries and exit non-zero)."""
+    env = _bench_env(backend, tmp_path)
+    result = subprocess.run(
+        [sys.executable, "-m", "bench.layout", "--events", "400", "--rounds", "1"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    assert [row.split("|")[1].strip() for row in rows[1:]] == ["steps", "batch", "batch+merged"]
+    for row in rows[1:]:
+        worker, server = (float(cell.split()[0]) for cell in row.split("|")[2:4])
+        assert worker > 0 and server > 0, row
