@@ -115,11 +115,12 @@ def server_spoke(dbapi_connection: Any) -> bool:
 
 
 def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
-    """A process's engine (commands, doctor, benches). Its pre-ping is SQLAlchemy's (`SELECT 1`, and the whole
-    pool invalidated when it fails), sent only when the connection's socket shows the
-    server spoke or closed while the connection sat in the pool (`server_spoke`): the
-    cases pre-ping exists for, without a round trip per checkout for the others (it was
-    one of an order placement's three; docs/benchmarks.md, "Round 2: commands")."""
+    """A process's engine (commands, doctor, benches). Its pre-ping is SQLAlchemy's
+    (`SELECT 1`, and the whole pool invalidated when it fails), sent only when the
+    connection's socket shows the server spoke or closed while the connection sat in the
+    pool (`server_spoke`): the cases pre-ping exists for, without a round trip per checkout
+    for the others (it was one of an order placement's three; docs/benchmarks.md,
+    "Round 2: commands")."""
     engine = create_engine(
         sqlalchemy_url(database_url),
         pool_size=pool_size,
