@@ -10,7 +10,14 @@ process's user + system CPU per stream entry, the figure to compare), then with
 inflates that figure; it says where the time goes). Redis's
 CPU over the plain drain comes from `INFO cpu`. A digest of every view key written lets
 two checkouts' runs be compared for identical views. The Redis database is flushed: give
-it one of your own.
+it one of your own. `--build-only` needs no Redis: it times what the projections do per
+delivery (parse + handlers, round 1) without the worker's rounds and bookkeeping.
+
+CPU time on a shared 2-core machine moves by +-10% between runs; instruction counts do
+not. One drain's (or one build pass's) instructions, whatever the load:
+
+    PYTHONHASHSEED=0 valgrind --tool=callgrind --callgrind-out-file=/dev/null \
+        python -m bench.profile_worker --events 3000 --repeat 2   # minus --repeat 1
 """
 
 from __future__ import annotations
@@ -64,6 +71,34 @@ def digest(client: Any, pattern: str) -> str:
     return h.hexdigest()[:16]
 
 
+def build_only(events: int, repeat: int) -> None:
+    """CPU per entry of what `Projection.steps` does for every delivery of a batch of 500
+    (each entry offered to every projection, parsed once per batch as the worker does),
+    best of `repeat` passes: the projections' own part of a worker's time, without the
+    Redis round trips or the worker's bookkeeping (and without the follow-up rounds)."""
+    from bench.history import make_history
+    from cqrs.keys import KeyMap
+    from cqrs.projector.projection import ParseOnce
+    from cqrs.projector.registry import PROJECTIONS
+
+    entries = [e.stream_fields(n) for n, e in enumerate(make_history(events), start=1)]
+    keys = KeyMap("pw")
+    pairs = [(p, keys.views(name, 1)) for name, p in PROJECTIONS.items()]
+    best = float("inf")
+    for _ in range(max(repeat, 1)):
+        copies = [dict(f) for f in entries for _ in pairs]  # one dict per delivery
+        start = time.process_time()
+        at = 0
+        for b in range(0, len(entries), 500):
+            parse = ParseOnce()
+            for _f in entries[b : b + 500]:
+                for projection, views in pairs:
+                    projection.steps(copies[at], views, parse)
+                    at += 1
+        best = min(best, time.process_time() - start)
+    print(f"entries {len(entries)}  build {best / len(entries) * 1e6:.2f} us/entry (best)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--events", type=int, default=24_000)
@@ -73,6 +108,11 @@ def main() -> None:
     parser.add_argument("--profile", action="store_true", help="one more drain, profiled")
     parser.add_argument("--top", type=int, default=30, help="print the profile's top N")
     parser.add_argument("--sort", default="tottime")
+    parser.add_argument(
+        "--build-only",
+        action="store_true",
+        help="no Redis: time only turning the entries into round-1 steps (parse + handlers)",
+    )
     args = parser.parse_args()
     if args.root:
         use_tree(args.root)
@@ -86,6 +126,9 @@ def main() -> None:
     from cqrs.tuning import tune_gc
     from cqrs.wiring import make_redis
 
+    if args.build_only:
+        build_only(args.events, args.repeat)
+        return
     settings = Settings(redis_url=args.redis_url, namespace="pw", partitions=8)
     client = make_redis(args.redis_url, settings)
     client.flushdb()
