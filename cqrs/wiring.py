@@ -125,15 +125,23 @@ def make_engine(database_url: str, *, pool_size: int = 10) -> Engine:
         sqlalchemy_url(database_url),
         pool_size=pool_size,
         max_overflow=pool_size,
+        # The connection returned last goes out first: a lone writer keeps using one warm
+        # server process instead of cycling through every pooled one (+10-14% order
+        # placements/s with one writer after an 8-writer burst; docs/benchmarks.md).
+        pool_use_lifo=True,
     )
     dialect = engine.dialect
 
     @event.listens_for(engine, "checkout")
     def _ping_if_spoken(dbapi_connection: Any, record: Any, proxy: Any) -> None:
-        if server_spoke(dbapi_connection) and not dialect._do_ping_w_event(dbapi_connection):
+        if not server_spoke(dbapi_connection):
+            return
+        try:
+            dialect.do_ping(dbapi_connection)
+        except Exception as exc:
             # What pool_pre_ping raises: this connection is replaced and every one
             # pooled before now is dropped (a restarted server ended them all).
-            raise sa_exc.InvalidatePoolError()
+            raise sa_exc.InvalidatePoolError() from exc
 
     return engine
 
