@@ -69,6 +69,13 @@ def worker_round(
     }
 
 
+def redis_cpu_seconds(client: Any) -> float:
+    """The server's CPU so far (user + system), summed over every master of a cluster."""
+    info = client.info("cpu")
+    parts = info.values() if isinstance(next(iter(info.values()), None), dict) else [info]
+    return sum(float(p["used_cpu_sys"]) + float(p["used_cpu_user"]) for p in parts)
+
+
 def prepare_live(client: Any, keys: KeyMap, consumers: list[str], partitions: int) -> None:
     """Empty views of generation 1 for every projection, fresh groups at the start of the
     streams, no leases, and the workers' heartbeats registered up front so each computes
@@ -106,6 +113,13 @@ def measure(
     def record(name: str, seconds: float) -> None:
         figures.setdefault(name, []).append(n_events / seconds)
 
+    def record_cpu(name: str, reports: list[dict[str, Any]], redis_seconds: float) -> None:
+        # CPU per stream entry, the consumers' and the Redis server's (INFO cpu around the
+        # round): what bounds a second worker on the machine's cores (docs/benchmarks.md).
+        consumers = sum(r["cpu"] for r in reports)
+        figures.setdefault(f"{name}-cpu", []).append(1e6 * consumers / n_events)
+        figures.setdefault(f"{name}-redis-cpu", []).append(1e6 * redis_seconds / n_events)
+
     for rep in range(ctx.repeat):
         for workers in (1, 2):
             consumers = [f"bench-{rep}-{workers}-{i}" for i in range(workers)]
@@ -114,6 +128,7 @@ def measure(
             with contextlib.ExitStack() as stack:
                 fresh = rep == 0 and workers == 1
                 runner = stack.enter_context(ConsumerPool(1)) if fresh else pool
+                redis_before = redis_cpu_seconds(client)
                 timed = runner.round(
                     WORKER_ROUND,
                     [(values, c) for c in consumers],
@@ -126,6 +141,8 @@ def measure(
             if failed:
                 ctx.say(f"  warning: {failed} entries failed in the project's round")
             record(f"project-{workers}", timed.seconds)
+            used = redis_cpu_seconds(client) - redis_before
+            record_cpu(f"project-{workers}", timed.reports, used)
             if rep == 0 and workers == 1:
                 rss += [r["rss"] for r in timed.reports]
         for mode, procs in (("hset", 1), ("lua", 1), ("hset", 2)):
@@ -144,13 +161,22 @@ def measure(
             fresh = rep == 0 and (mode, procs) == ("hset", 1)
             with contextlib.ExitStack() as stack:
                 runner = stack.enter_context(ConsumerPool(1)) if fresh else pool
+                redis_before = redis_cpu_seconds(client)
                 timed = runner.round(RAW_ROUND, args, client, streams, raw_groups)
             record(f"raw-{mode}-{procs}", timed.seconds)
+            used = redis_cpu_seconds(client) - redis_before
+            record_cpu(f"raw-{mode}-{procs}", timed.reports, used)
             if fresh:
                 raw_rss += [r["rss"] for r in timed.reports]
+        rates = sorted(k for k in figures if not k.endswith("cpu"))
         ctx.say(
             f"  projection rep {rep + 1}: "
-            + ", ".join(f"{k} {v[-1]:.0f}/s" for k, v in sorted(figures.items()))
+            + ", ".join(f"{k} {figures[k][-1]:.0f}/s" for k in rates)
+            + "; CPU us per entry (consumers + Redis): "
+            + ", ".join(
+                f"{k} {figures[k + '-cpu'][-1]:.1f}+{figures[k + '-redis-cpu'][-1]:.1f}"
+                for k in rates
+            )
         )
     figures["rss"] = [float(r) for r in rss]
     figures["raw-rss"] = [float(r) for r in raw_rss]
@@ -172,6 +198,12 @@ def run(ctx: Context) -> list[Row]:
     ctx.figures["projection.worker_rss"] = Figure.of(figures["rss"])
     ctx.figures["projection.raw_rss"] = Figure.of(figures["raw-rss"])
     size = {"events": n_events, "projections": list(PROJECTIONS)}
+    # CPU per stream entry (medians over the repeats): consumers' and Redis's, per config.
+    size["cpu_us_per_entry"] = {
+        k.removesuffix("-cpu"): round(Figure.of(v).median, 1)
+        for k, v in figures.items()
+        if k.endswith("cpu")
+    }
     return [
         Row(
             "projection",
