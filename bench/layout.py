@@ -308,6 +308,11 @@ def main() -> None:
                 if failed:
                     raise SystemExit(f"{name}: {failed} entries failed")
                 figures[name].append((1e6 * worker_cpu / entries, 1e6 * server_cpu / entries))
+        # Where the shipped executor's Redis time goes, per command (a script's inner
+        # calls are counted under their own names too, and inside EVALSHA's time).
+        client.config_resetstat()
+        drain(client, settings, keys)
+        stats = client.info("commandstats")
         client.close()
     print(f"{entries} stream entries, {len(PROJECTIONS)} projections, {args.rounds} rounds")
     print("| executor | worker CPU us/entry (median [min-max]) | Redis CPU us/entry |")
@@ -318,6 +323,16 @@ def main() -> None:
         print(
             f"| {name} | {statistics.median(worker):.1f} [{min(worker):.1f}-{max(worker):.1f}] "
             f"| {statistics.median(server):.1f} [{min(server):.1f}-{max(server):.1f}] |"
+        )
+    print("\nRedis time per command, `steps` executor (INFO commandstats, one more drain):")
+    print("| command | calls per entry | us per call | us per entry |")
+    print("|---|---|---|---|")
+    by_time = sorted(stats.items(), key=lambda item: -float(item[1]["usec"]))
+    for name, row in by_time[:10]:
+        calls, usec = int(row["calls"]), float(row["usec"])
+        print(
+            f"| {name.removeprefix('cmdstat_')} | {calls / entries:.2f} | {usec / calls:.2f} "
+            f"| {usec / entries:.2f} |"
         )
 
 
