@@ -204,8 +204,12 @@ def test_layout_probe_compares_every_executor(backend: Backend, tmp_path: Path) 
         check=False,
     )
     assert result.returncode == 0, result.stderr[-4000:]
-    rows = [line for line in result.stdout.splitlines() if line.startswith("| ")]
+    executors, commands = result.stdout.split("\n\n", 1)
+    rows = [line for line in executors.splitlines() if line.startswith("| ")]
     assert [row.split("|")[1].strip() for row in rows[1:]] == ["steps", "batch", "batch+merged"]
     for row in rows[1:]:
         worker, server = (float(cell.split()[0]) for cell in row.split("|")[2:4])
         assert worker > 0 and server > 0, row
+    # Where the shipped executor's Redis time goes: the gated scripts are in it.
+    names = [line.split("|")[1].strip() for line in commands.splitlines() if line.startswith("| ")]
+    assert "evalsha" in names and "xreadgroup" in names, commands
