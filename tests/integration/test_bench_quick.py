@@ -84,30 +84,29 @@ def _bench_env(backend: Backend, tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def _stages(env: dict[str, str], commands: int) -> subprocess.CompletedProcess[str]:
+def _module(
+    env: dict[str, str], *args: str, timeout: float = 300
+) -> subprocess.CompletedProcess[str]:
+    """`python -m <args>` from the repository, output captured, never raising."""
     return subprocess.run(
-        [sys.executable, "-m", "bench.stages", "--commands", str(commands)],
+        [sys.executable, "-m", *args],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=timeout,
         check=False,
     )
+
+
+def _stages(env: dict[str, str], commands: int) -> subprocess.CompletedProcess[str]:
+    return _module(env, "bench.stages", "--commands", str(commands))
 
 
 def test_quick_run_reports_every_scenario_with_a_ratio(backend: Backend, tmp_path: Path) -> None:
     env = _bench_env(backend, tmp_path)
     out = tmp_path / "bench.json"
-    result = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--json", str(out)],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-        check=False,
-    )
+    result = _module(env, "bench", "--quick", "--json", str(out), timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
 
     report = json.loads(out.read_text())
@@ -194,15 +193,7 @@ def test_layout_probe_compares_every_executor(backend: Backend, tmp_path: Path) 
     """`python -m bench.layout` drives the real worker with each executor (one that
     applied anything differently would fail entries and exit non-zero)."""
     env = _bench_env(backend, tmp_path)
-    result = subprocess.run(
-        [sys.executable, "-m", "bench.layout", "--events", "400", "--rounds", "1"],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    result = _module(env, "bench.layout", "--events", "400", "--rounds", "1")
     assert result.returncode == 0, result.stderr[-4000:]
     executors, commands = result.stdout.split("\n\n", 1)
     rows = [line for line in executors.splitlines() if line.startswith("| ")]
